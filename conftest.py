@@ -1,0 +1,14 @@
+"""Test set-up: 8 simulated CPU devices for the sharding tests, and deterministic hypothesis runs."""
+import os
+
+# Must happen before JAX initialises its backend, i.e. before any test module imports jax.
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# derandomize: the same examples on every run, so CI is reproducible; no deadline: compiles are slow.
+settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("dev", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

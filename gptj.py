@@ -1,0 +1,231 @@
+"""GPT-J as pure JAX functions over a params pytree.
+
+Standalone: imports only jax, numpy and the stdlib, so this file can be copied into another project.
+Every function runs unsharded by default. Under `jax.shard_map` with the weights split Megatron-style
+over a model-parallel mesh axis, pass that axis name as `mp=` and the same code computes its shard and
+all-reduces with explicit `psum`s (see shard.py).
+
+Params (weights are [in, out], so `x @ w`; per-layer params stacked on a leading n_layer axis):
+    wte                     [n_vocab, d_model]
+    h.ln_1.{weight,bias}    [n_layer, d_model]
+    h.{q,k,v}_proj.weight   [n_layer, d_model, n_head * d_head]
+    h.out_proj.weight       [n_layer, n_head * d_head, d_model]
+    h.fc_in.{weight,bias}   [n_layer, d_model, d_ff], [n_layer, d_ff]
+    h.fc_out.{weight,bias}  [n_layer, d_ff, d_model], [n_layer, d_model]
+    ln_f.{weight,bias}      [d_model]
+    lm_head.{weight,bias}   [d_model, n_vocab], [n_vocab]
+"""
+import dataclasses
+import math
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    n_vocab: int = 50400  # 50257 GPT-2 tokens, padded to a multiple of 8 x 16 for sharding
+    n_ctx: int = 2048
+    d_model: int = 4096
+    n_layer: int = 28
+    n_head: int = 16
+    rotary_dim: int = 64  # rotary embedding on the first rotary_dim dims of each head
+    d_ff: int = 0  # 0 means 4 * d_model
+    layer_norm_eps: float = 1e-5
+    dtype: str = "float32"  # compute dtype; params keep their own (fp32 master weights)
+    remat: bool = False  # recompute each layer's activations in the backward pass
+
+    def __post_init__(self):
+        if self.d_ff == 0:
+            object.__setattr__(self, "d_ff", 4 * self.d_model)
+        checks = [
+            (min(self.n_vocab, self.n_ctx, self.d_model, self.n_layer, self.n_head) > 0, "sizes must be positive"),
+            (self.d_model % self.n_head == 0, f"d_model {self.d_model} not divisible by n_head {self.n_head}"),
+            (self.rotary_dim % 2 == 0 and 0 <= self.rotary_dim <= self.d_model // max(self.n_head, 1),
+             f"rotary_dim {self.rotary_dim} must be even and at most d_head {self.d_model // max(self.n_head, 1)}"),
+            (self.dtype in ("float32", "bfloat16", "float16"), f"dtype {self.dtype!r} is not float32/bfloat16/float16"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"bad GPT-J config: {msg}")
+
+    @property
+    def d_head(self):
+        return self.d_model // self.n_head
+
+    def n_params(self):
+        d, f, L = self.d_model, self.d_ff, self.n_layer
+        return 2 * self.n_vocab * d + self.n_vocab + 2 * d + L * (4 * d * d + 2 * d * f + f + 3 * d)
+
+
+GPTJ_6B = Config()
+PRESETS = {
+    "gptj-6b": GPTJ_6B,
+    "tiny": Config(n_vocab=50304, n_ctx=256, d_model=128, n_layer=2, n_head=4, rotary_dim=16),
+    "small": Config(n_vocab=50304, n_ctx=256, d_model=256, n_layer=4, n_head=8, rotary_dim=16),
+}
+
+
+def init_params(cfg: Config, key) -> dict:
+    """fp32 params initialised as mesh-transformer-jax did: truncated normal, stddev 1/sqrt(fan_in)."""
+    d, f, L, V = cfg.d_model, cfg.d_ff, cfg.n_layer, cfg.n_vocab
+    keys = iter(jax.random.split(key, 8))
+
+    def normal(shape, std):
+        return std * jax.random.truncated_normal(next(keys), -2.0, 2.0, shape, jnp.float32)
+
+    out_std = (2 / L) / math.sqrt(d)  # the residual-branch outputs are scaled down by depth
+    ln = lambda *s: {"weight": jnp.ones(s + (d,)), "bias": jnp.zeros(s + (d,))}
+    return {
+        "wte": normal((V, d), 1 / math.sqrt(V)),
+        "h": {
+            "ln_1": ln(L),
+            "q_proj": {"weight": normal((L, d, d), 1 / math.sqrt(d))},
+            "k_proj": {"weight": normal((L, d, d), 1 / math.sqrt(d))},
+            "v_proj": {"weight": normal((L, d, d), 1 / math.sqrt(d))},
+            "out_proj": {"weight": normal((L, d, d), out_std)},
+            "fc_in": {"weight": normal((L, d, f), 1 / math.sqrt(d)), "bias": jnp.zeros((L, f))},
+            "fc_out": {"weight": normal((L, f, d), out_std), "bias": jnp.zeros((L, d))},
+        },
+        "ln_f": ln(),
+        "lm_head": {"weight": normal((d, V), 1 / math.sqrt(d)), "bias": jnp.zeros((V,))},
+    }
+
+
+def _psum(x, mp):
+    return x if mp is None else lax.psum(x, mp)
+
+
+def layer_norm(x, p, eps):
+    x = x.astype(jnp.float32)
+    mean = x.mean(-1, keepdims=True)
+    var = jnp.square(x - mean).mean(-1, keepdims=True)
+    return (x - mean) * lax.rsqrt(var + eps) * p["weight"] + p["bias"]
+
+
+def rotary_table(cfg: Config):
+    """sin, cos [n_ctx, rotary_dim // 2], computed in float64 as the original did, then cast."""
+    inv_freq = 1.0 / (10000 ** (np.arange(0, cfg.rotary_dim, 2) / cfg.rotary_dim))
+    angles = np.arange(cfg.n_ctx)[:, None] * inv_freq[None, :]
+    return np.sin(angles).astype(np.float32), np.cos(angles).astype(np.float32)
+
+
+def apply_rotary(x, sin, cos):
+    """GPT-J's interleaved rotary: pairs (2i, 2i+1) rotate by angle pos * 10000^(-2i/rotary_dim).
+
+    x [batch, seq, heads, d_head]; sin, cos [batch, seq, rotary_dim // 2]. Dims past rotary_dim pass through.
+    """
+    rot = 2 * sin.shape[-1]
+    x_rot, x_pass = x[..., :rot].astype(jnp.float32), x[..., rot:]
+    sin, cos = (jnp.repeat(t, 2, axis=-1)[:, :, None, :] for t in (sin, cos))
+    # rotate_every_two: (x0, x1, x2, x3, ...) -> (-x1, x0, -x3, x2, ...)
+    rotated = jnp.stack([-x_rot[..., 1::2], x_rot[..., 0::2]], axis=-1).reshape(x_rot.shape)
+    return jnp.concatenate([(x_rot * cos + rotated * sin).astype(x.dtype), x_pass], axis=-1)
+
+
+def attention(q, k, v, mask):
+    """q [batch, seq, heads, d_head], k/v [batch, keys, heads, d_head], mask [batch, seq, keys] -> like q."""
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def block(x, p, cfg: Config, sin, cos, mask, kv=None, index=None, mp=None):
+    """One GPT-J layer: x + attn(ln_1(x)) + mlp(ln_1(x)), both branches from ONE LayerNorm.
+
+    With `mp`, p holds this device's heads and d_ff slice; the two partial branch outputs are summed and
+    all-reduced together with one psum (the parallel residual allows it), then fc_out's bias added once.
+    kv: this layer's cache (k, v) [batch, cache_len, heads, d_head] to write at `index` and attend over.
+    """
+    dt = x.dtype
+    w = lambda name: p[name]["weight"].astype(dt)
+    h = layer_norm(x, p["ln_1"], cfg.layer_norm_eps).astype(dt)
+    B, T, _ = h.shape
+    q, k, v = ((h @ w(n)).reshape(B, T, -1, cfg.d_head) for n in ("q_proj", "k_proj", "v_proj"))
+    q, k = apply_rotary(q, sin, cos), apply_rotary(k, sin, cos)
+    if kv is not None:
+        k = lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
+        v = lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
+        kv = (k, v)
+    attn = attention(q, k.astype(dt), v.astype(dt), mask).reshape(B, T, -1) @ w("out_proj")
+    ff = jax.nn.gelu(h @ w("fc_in") + p["fc_in"]["bias"].astype(dt), approximate=True) @ w("fc_out")
+    return x + _psum(attn + ff, mp) + p["fc_out"]["bias"].astype(dt), kv
+
+
+def embed(wte, tokens, mp=None):
+    """Look up token rows. With `mp`, wte holds a contiguous slice of vocab rows: each device looks up the ids
+    it owns, zeros elsewhere, and one psum assembles the embeddings (no one-hot matmul)."""
+    if mp is None:
+        return wte[tokens]
+    rows = wte.shape[0]
+    local = tokens - lax.axis_index(mp) * rows
+    owned = (local >= 0) & (local < rows)
+    return _psum(jnp.where(owned[..., None], wte[jnp.clip(local, 0, rows - 1)], 0), mp)
+
+
+def forward(params, tokens, cfg: Config, *, start=None, cache=None, mp=None):
+    """tokens [batch, seq] int -> (logits [batch, seq, n_vocab] fp32, updated cache or None).
+
+    start [batch]: number of left-padding tokens per row (default 0); position = slot - start, and padding
+    is never attended to. cache: from init_cache; the tokens are written after cache["length"] slots.
+    With `mp`, logits are this device's vocab slice.
+    """
+    B, T = tokens.shape
+    dt = jnp.dtype(cfg.dtype)
+    start = jnp.zeros((B,), jnp.int32) if start is None else start
+    offset = 0 if cache is None else cache["length"]
+    slots = offset + jnp.arange(T)  # [seq]
+    keys = slots if cache is None else jnp.arange(cache["k"].shape[2])
+    mask = (keys[None, None, :] <= slots[None, :, None]) & (keys[None, None, :] >= start[:, None, None])
+    positions = jnp.clip(slots[None, :] - start[:, None], 0, cfg.n_ctx - 1)  # [batch, seq]
+    sin, cos = (jnp.asarray(t)[positions] for t in rotary_table(cfg))
+
+    def layer(x, inputs):
+        p, kv = inputs
+        return block(x, p, cfg, sin, cos, mask, kv, offset, mp)
+
+    if cfg.remat:
+        layer = jax.checkpoint(layer, prevent_cse=False)
+    x = embed(params["wte"], tokens, mp).astype(dt)
+    kv = None if cache is None else (cache["k"], cache["v"])
+    x, kv = lax.scan(layer, x, (params["h"], kv))
+    x = layer_norm(x, params["ln_f"], cfg.layer_norm_eps).astype(dt)
+    head = params["lm_head"]
+    logits = jnp.dot(x, head["weight"].astype(dt), preferred_element_type=jnp.float32) + head["bias"]
+    if cache is not None:
+        cache = {"k": kv[0], "v": kv[1], "length": offset + T}
+    return logits, cache
+
+
+def init_cache(cfg: Config, batch: int, length: int | None = None, dtype=None) -> dict:
+    """Fixed-size KV cache: k, v [n_layer, batch, length, n_head, d_head] and the number of filled slots."""
+    shape = (cfg.n_layer, batch, length or cfg.n_ctx, cfg.n_head, cfg.d_head)
+    dtype = dtype or cfg.dtype
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "length": jnp.zeros((), jnp.int32)}
+
+
+def cross_entropy(logits, targets, z_loss=0.0, mp=None):
+    """Per-token next-token loss [batch, seq] from fp32 logits. With `mp`, logits are a vocab slice and the
+    log-sum-exp and target logit are assembled with pmax/psum: full logits are never gathered."""
+    vocab = logits.shape[-1]
+    local = targets if mp is None else targets - lax.axis_index(mp) * vocab
+    owned = (local >= 0) & (local < vocab)
+    target_logit = jnp.take_along_axis(logits, jnp.clip(local, 0, vocab - 1)[..., None], -1)[..., 0]
+    target_logit = _psum(jnp.where(owned, target_logit, 0.0), mp)
+    # The max only stabilises the exponent; its gradient cancels, so it is held constant.
+    m = lax.stop_gradient(logits.max(-1))
+    m = m if mp is None else lax.pmax(m, mp)
+    lse = jnp.log(_psum(jnp.exp(logits - m[..., None]).sum(-1), mp)) + m
+    return lse - target_logit + z_loss * jnp.square(lse)
+
+
+def loss_fn(params, tokens, cfg: Config, mask=None, z_loss=0.0):
+    """Mean next-token loss of tokens [batch, seq + 1] over positions where mask [batch, seq] is set."""
+    logits, _ = forward(params, tokens[:, :-1], cfg)
+    losses = cross_entropy(logits, tokens[:, 1:], z_loss)
+    mask = jnp.ones_like(losses) if mask is None else mask.astype(jnp.float32)
+    return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)

@@ -1,0 +1,122 @@
+"""Data and Megatron-style tensor parallelism for gptj.py, with explicit shard_map collectives.
+
+The mesh has axes ('dp', 'mp'). Batches split over 'dp'. Weights split over 'mp':
+    q/k/v_proj, fc_in   by output features (whole heads / d_ff slices)
+    out_proj, fc_out    by input features, so each device's partial outputs need one psum per layer
+    wte                 by vocab rows (each device embeds the ids it owns, then psum)
+    lm_head             by vocab columns (the loss reduces the vocab slices with pmax/psum)
+LayerNorms and fc_out's bias are replicated. Everything here that knows about devices lives in this file.
+"""
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+import gptj
+
+DP, MP = "dp", "mp"
+
+
+def make_mesh(dp: int, mp: int, devices=None) -> Mesh:
+    """A (dp, mp) mesh with Auto axes; mp is the fastest-varying so a model replica sits on adjacent devices."""
+    devices = jax.devices() if devices is None else devices
+    if dp < 1 or mp < 1:
+        raise ValueError(f"mesh dp={dp}, mp={mp}: both must be at least 1")
+    if dp * mp > len(devices):
+        raise ValueError(f"mesh dp={dp} x mp={mp} needs {dp * mp} devices but only {len(devices)} exist")
+    grid = np.asarray(devices[: dp * mp]).reshape(dp, mp)
+    return Mesh(grid, (DP, MP), axis_types=(AxisType.Auto, AxisType.Auto))
+
+
+def mesh_for(mp: int, devices=None) -> Mesh:
+    """All devices, mp of them per model replica and the rest data parallel."""
+    devices = jax.devices() if devices is None else devices
+    if mp < 1 or len(devices) % mp:
+        raise ValueError(f"cores_per_replica={mp} does not divide the {len(devices)} devices: pick a divisor")
+    return make_mesh(len(devices) // mp, mp, devices)
+
+
+def check(cfg: gptj.Config, mesh: Mesh, batch: int | None = None):
+    """Raise a ValueError naming the first split that does not divide evenly."""
+    mp, dp = mesh.shape[MP], mesh.shape[DP]
+    for name, size in [("n_head", cfg.n_head), ("d_ff", cfg.d_ff), ("n_vocab", cfg.n_vocab)]:
+        if size % mp:
+            raise ValueError(f"{name}={size} is not divisible by mp={mp}: choose mp dividing it")
+    if batch is not None and batch % dp:
+        raise ValueError(f"batch size {batch} is not divisible by dp={dp}: use a multiple of {dp}")
+
+
+def param_specs(params) -> dict:
+    """PartitionSpecs for a params pytree (stacked layers have a leading unsplit layer axis)."""
+    col, row = P(None, None, MP), P(None, MP, None)
+    return {
+        "wte": P(MP, None),
+        "h": {
+            "ln_1": {"weight": P(), "bias": P()},
+            "q_proj": {"weight": col}, "k_proj": {"weight": col}, "v_proj": {"weight": col},
+            "out_proj": {"weight": row},
+            "fc_in": {"weight": col, "bias": P(None, MP)},
+            "fc_out": {"weight": row, "bias": P()},
+        },
+        "ln_f": {"weight": P(), "bias": P()},
+        "lm_head": {"weight": P(None, MP), "bias": P(MP)},
+    }
+
+
+CACHE_SPEC = {"k": P(None, DP, None, MP, None), "v": P(None, DP, None, MP, None), "length": P()}
+
+
+def zero_spec(spec: P, shape, dp: int) -> P:
+    """ZeRO-1: additionally split an optimizer-state leaf over 'dp' on its first free dimension that divides."""
+    axes = list(spec) + [None] * (len(shape) - len(spec))
+    for i, (ax, n) in enumerate(zip(axes, shape)):
+        if ax is None and n % dp == 0 and n >= dp:
+            axes[i] = DP
+            return P(*axes)
+    return P(*axes)
+
+
+def named(mesh: Mesh, specs):
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def place(tree, mesh: Mesh, specs):
+    """Put a host pytree onto the mesh with the given specs."""
+    return jax.device_put(tree, named(mesh, specs))
+
+
+def place_params(params, mesh: Mesh):
+    return place(params, mesh, param_specs(params))
+
+
+def forward(params, tokens, cfg: gptj.Config, mesh: Mesh, start=None, cache=None):
+    """gptj.forward on the mesh: logits [batch, seq, n_vocab] split over (dp, -, mp); cache split likewise."""
+    check(cfg, mesh, tokens.shape[0])
+    start = jnp.zeros(tokens.shape[:1], jnp.int32) if start is None else start
+
+    def local(params, tokens, start, cache):
+        return gptj.forward(params, tokens, cfg, start=start, cache=cache, mp=MP)
+
+    cache_spec = None if cache is None else CACHE_SPEC
+    return jax.shard_map(
+        local, mesh=mesh,
+        in_specs=(param_specs(params), P(DP, None), P(DP), cache_spec),
+        out_specs=(P(DP, None, MP), cache_spec),
+    )(params, tokens, start, cache)
+
+
+def loss_fn(params, tokens, cfg: gptj.Config, mesh: Mesh, mask=None, z_loss=0.0):
+    """gptj.loss_fn on the mesh: the mean over all dp shards' unmasked tokens, vocab never gathered."""
+    check(cfg, mesh, tokens.shape[0])
+    mask = jnp.ones((tokens.shape[0], tokens.shape[1] - 1), jnp.float32) if mask is None else mask
+
+    def local(params, tokens, mask):
+        logits, _ = gptj.forward(params, tokens[:, :-1], cfg, mp=MP)
+        losses = gptj.cross_entropy(logits, tokens[:, 1:], z_loss, mp=MP)
+        mask = mask.astype(jnp.float32)
+        total, count = jax.lax.psum(((losses * mask).sum(), mask.sum()), DP)
+        return total / jnp.maximum(count, 1.0)
+
+    return jax.shard_map(
+        local, mesh=mesh, in_specs=(param_specs(params), P(DP, None), P(DP, None)), out_specs=P(),
+    )(params, tokens, mask)
