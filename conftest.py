@@ -4,6 +4,8 @@ import os
 # Must happen before JAX initialises its backend, i.e. before any test module imports jax.
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The tests compile many tiny programs: XLA's optimisation passes cost more time than they save there.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 

@@ -1,0 +1,268 @@
+"""Property tests: gptj.py against an independent float64 numpy GPT-J, and sharded runs against unsharded."""
+import dataclasses
+import math
+import subprocess
+import sys
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import gptj
+import shard
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+# Every (dp, mp) mesh that fits on the 8 simulated devices.
+MESHES = [(dp, mp) for dp in range(1, 9) for mp in range(1, 9) if dp * mp <= 8]
+
+
+def random_params(cfg, seed, scale=0.5):
+    """Every parameter random, LayerNorms and biases included, so that a misplaced bias or norm shows."""
+    leaves, tree = jax.tree.flatten(gptj.init_params(cfg, jax.random.PRNGKey(seed)))
+    rng = np.random.default_rng(seed)
+    leaves = [np.asarray(x) + rng.normal(0, scale / math.sqrt(x.shape[-1]), x.shape).astype(np.float32) for x in leaves]
+    return jax.tree.unflatten(tree, leaves)
+
+
+# ---------------------------------------------------------------- float64 numpy reference, written from the paper trail
+def ref_forward(params, tokens, cfg, rotary="gptj"):
+    """GPT-J in float64 numpy, one token position at a time in the attention, nothing shared with gptj.py."""
+    p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
+    H, dh, rd = cfg.n_head, cfg.d_head, cfg.rotary_dim
+    B, T = tokens.shape
+
+    def ln(x, w, b):
+        mu = x.mean(-1, keepdims=True)
+        return (x - mu) / np.sqrt(((x - mu) ** 2).mean(-1, keepdims=True) + cfg.layer_norm_eps) * w + b
+
+    def rope(x):  # x [B, T, H, dh]
+        out = x.copy()
+        for t in range(T):
+            for i in range(rd // 2):
+                theta = t * 10000.0 ** (-2 * i / rd)
+                c, s = math.cos(theta), math.sin(theta)
+                if rotary == "gptj":  # interleaved pairs (2i, 2i+1)
+                    a, b = 2 * i, 2 * i + 1
+                else:  # NeoX half-split pairs (i, i + rd/2): used only to prove the test can tell them apart
+                    a, b = i, i + rd // 2
+                out[:, t, :, a] = x[:, t, :, a] * c - x[:, t, :, b] * s
+                out[:, t, :, b] = x[:, t, :, b] * c + x[:, t, :, a] * s
+        return out
+
+    def gelu(x):
+        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+
+    x = p["wte"][tokens]
+    for l in range(cfg.n_layer):
+        w = jax.tree.map(lambda a: a[l], p["h"])
+        h = ln(x, w["ln_1"]["weight"], w["ln_1"]["bias"])
+        q, k, v = (h @ w[n]["weight"] for n in ("q_proj", "k_proj", "v_proj"))
+        q, k, v = (a.reshape(B, T, H, dh) for a in (q, k, v))
+        q, k = rope(q), rope(k)
+        att = np.zeros((B, T, H, dh))
+        for t in range(T):
+            s = np.einsum("bhd,bkhd->bhk", q[:, t], k[:, : t + 1]) / math.sqrt(dh)
+            s = np.exp(s - s.max(-1, keepdims=True))
+            att[:, t] = np.einsum("bhk,bkhd->bhd", s / s.sum(-1, keepdims=True), v[:, : t + 1])
+        attn_out = att.reshape(B, T, H * dh) @ w["out_proj"]["weight"]
+        mlp_out = gelu(h @ w["fc_in"]["weight"] + w["fc_in"]["bias"]) @ w["fc_out"]["weight"] + w["fc_out"]["bias"]
+        x = x + attn_out + mlp_out
+    x = ln(x, p["ln_f"]["weight"], p["ln_f"]["bias"])
+    return x @ p["lm_head"]["weight"] + p["lm_head"]["bias"]
+
+
+def ref_loss(logits, targets, mask, z_loss):
+    lse = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    nll = lse - np.take_along_axis(logits, targets[..., None], -1)[..., 0] + z_loss * lse**2
+    return (nll * mask).sum() / mask.sum()
+
+
+def close(a, b, tol=1e-5):
+    """Agreement relative to the values' scale."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.abs(a - b).max() <= tol * max(np.abs(b).max(), 1.0)
+
+
+CFG = gptj.Config(n_vocab=96, n_ctx=16, d_model=64, n_layer=2, n_head=4, rotary_dim=8)
+
+
+def test_numerics_contract_against_float64_reference():
+    params = random_params(CFG, 0)
+    tokens = np.random.default_rng(0).integers(0, CFG.n_vocab, (2, 12))
+    want = ref_forward(params, tokens, CFG)
+    got, _ = gptj.forward(params, jnp.asarray(tokens), CFG)
+    assert close(got, want, 1e-5)
+    # The reference is sensitive to the conventions it pins: a NeoX rotary gives different logits.
+    assert not close(ref_forward(params, tokens, CFG, rotary="neox"), want, 1e-3)
+
+    mask = (np.arange(11) < 9)[None].repeat(2, 0).astype(np.float32)
+    loss = gptj.loss_fn(params, jnp.asarray(tokens), CFG, jnp.asarray(mask), z_loss=1e-4)
+    assert abs(float(loss) - ref_loss(want[:, :-1], tokens[:, 1:], mask, 1e-4)) < 1e-5
+
+
+def test_rotary_matches_formula_and_passes_tail_through():
+    cfg = gptj.Config(n_vocab=8, n_ctx=8, d_model=16, n_layer=1, n_head=1, rotary_dim=4)
+    sin, cos = gptj.rotary_table(cfg)
+    x = np.arange(1.0, 17.0, dtype=np.float32).reshape(1, 1, 1, 16)
+    pos = 3
+    y = np.asarray(gptj.apply_rotary(jnp.asarray(x), sin[None, pos : pos + 1], cos[None, pos : pos + 1]))[0, 0, 0]
+    for i in range(2):  # pair (2i, 2i+1) by angle pos * 10000^(-2i/4), with the minus on the odd element
+        th = pos * 10000 ** (-2 * i / 4)
+        a, b = x[0, 0, 0, 2 * i], x[0, 0, 0, 2 * i + 1]
+        assert np.allclose(y[2 * i : 2 * i + 2], [a * math.cos(th) - b * math.sin(th), b * math.cos(th) + a * math.sin(th)])
+    assert np.array_equal(y[4:], x[0, 0, 0, 4:])
+
+
+def test_init_follows_the_original():
+    cfg = gptj.Config(n_vocab=512, n_ctx=16, d_model=256, n_layer=4, n_head=4, rotary_dim=8, d_ff=512)
+    p = gptj.init_params(cfg, jax.random.PRNGKey(0))
+    trunc = 0.8796  # std of a normal truncated at +-2 sigma
+    for leaf, std in [(p["wte"], 1 / math.sqrt(512)), (p["h"]["q_proj"]["weight"], 1 / 16),
+                      (p["h"]["out_proj"]["weight"], (2 / 4) / 16), (p["h"]["fc_out"]["weight"], (2 / 4) / 16),
+                      (p["lm_head"]["weight"], 1 / 16)]:
+        assert abs(float(leaf.std()) / (std * trunc) - 1) < 0.05
+        assert float(jnp.abs(leaf).max()) <= 2 * std + 1e-6
+    for leaf in [p["h"]["fc_in"]["bias"], p["h"]["fc_out"]["bias"], p["lm_head"]["bias"], p["ln_f"]["bias"]]:
+        assert not jnp.any(leaf)
+    assert jnp.all(p["h"]["ln_1"]["weight"] == 1) and all(x.dtype == jnp.float32 for x in jax.tree.leaves(p))
+    assert sum(x.size for x in jax.tree.leaves(p)) == cfg.n_params()
+
+
+def test_gptj_6b_preset():
+    c = gptj.GPTJ_6B
+    assert (c.n_layer, c.d_model, c.n_head, c.d_head, c.d_ff, c.rotary_dim, c.n_ctx, c.n_vocab) == (
+        28, 4096, 16, 256, 16384, 64, 2048, 50400)
+    assert 6.0e9 < c.n_params() < 6.1e9
+
+
+@pytest.mark.parametrize("kw, msg", [
+    (dict(n_head=5), "not divisible by n_head"),
+    (dict(rotary_dim=7), "rotary_dim"),
+    (dict(rotary_dim=32), "rotary_dim"),
+    (dict(dtype="int8"), "dtype"),
+    (dict(n_layer=0), "positive"),
+])
+def test_bad_config_names_the_problem(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        dataclasses.replace(CFG, **kw)
+
+
+@pytest.mark.parametrize("dp, mp, batch, msg", [
+    (1, 3, 2, "n_head=4 is not divisible by mp=3"),
+    (3, 1, 4, "batch size 4 is not divisible by dp=3"),
+    (4, 4, 4, "needs 16 devices but only 8"),
+])
+def test_impossible_splits_are_refused(dp, mp, batch, msg):
+    params = gptj.init_params(CFG, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match=msg):
+        shard.loss_fn(params, jnp.zeros((batch, 5), jnp.int32), CFG, shard.make_mesh(dp, mp))
+    with pytest.raises(ValueError, match="does not divide the 8 devices"):
+        shard.mesh_for(3)
+
+
+def test_remat_and_bf16():
+    params = random_params(CFG, 1)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, CFG.n_vocab, (2, 9)))
+    g = jax.grad(gptj.loss_fn)(params, tokens, CFG)
+    g_remat = jax.grad(gptj.loss_fn)(params, tokens, dataclasses.replace(CFG, remat=True))
+    assert all(close(a, b, 1e-6) for a, b in zip(jax.tree.leaves(g_remat), jax.tree.leaves(g)))
+    lo32, _ = gptj.forward(params, tokens, CFG)
+    lo16, _ = gptj.forward(jax.tree.map(lambda x: x.astype(jnp.bfloat16), params), tokens,
+                           dataclasses.replace(CFG, dtype="bfloat16"))
+    assert lo16.dtype == jnp.float32 and close(lo16, lo32, 5e-2)
+
+
+# ---------------------------------------------------------------- sharded == unsharded
+def mesh_config(draw, mp):
+    """A random small config whose heads, d_ff and vocab divide evenly over mp."""
+    heads_per = draw(st.integers(1, 2))
+    d_head = draw(st.sampled_from([4, 8]))
+    n_head = mp * heads_per
+    return gptj.Config(
+        n_vocab=mp * draw(st.integers(4, 12)), n_ctx=16, d_model=n_head * d_head, n_layer=draw(st.integers(1, 3)),
+        n_head=n_head, rotary_dim=draw(st.sampled_from([r for r in (0, 2, 4, 8) if r <= d_head])),
+        d_ff=mp * draw(st.integers(2, 8)))
+
+
+@partial(jax.jit, static_argnums=(3, 4))
+def unsharded(params, tokens, mask, cfg, z):
+    """Loss, gradients and logits of the plain single-device model, in one compile."""
+    (loss, logits), grads = jax.value_and_grad(
+        lambda p: (gptj.loss_fn(p, tokens, cfg, mask, z), gptj.forward(p, tokens[:, :-1], cfg)[0]), has_aux=True)(params)
+    return loss, grads, logits
+
+
+@partial(jax.jit, static_argnums=(3, 4, 5))
+def sharded(params, tokens, mask, cfg, z, mesh):
+    (loss, logits), grads = jax.value_and_grad(
+        lambda p: (shard.loss_fn(p, tokens, cfg, mesh, mask, z), shard.forward(p, tokens[:, :-1], cfg, mesh)[0]),
+        has_aux=True)(params)
+    return loss, grads, logits
+
+
+@pytest.mark.parametrize("dp, mp", MESHES)
+@settings(max_examples=1)
+@given(data=st.data())
+def test_sharded_loss_grads_and_logits_equal_unsharded(dp, mp, data):
+    cfg = mesh_config(data.draw, mp)
+    seed = data.draw(st.integers(0, 2**16))
+    rng = np.random.default_rng(seed)
+    B, T = dp * data.draw(st.integers(1, 2)), data.draw(st.integers(2, 9))
+    params = random_params(cfg, seed)
+    tokens = jnp.asarray(rng.integers(0, cfg.n_vocab, (B, T + 1)))
+    mask = jnp.asarray(rng.random((B, T)) < 0.8, jnp.float32).at[0, 0].set(1.0)
+    z = data.draw(st.sampled_from([0.0, 1e-4]))
+
+    want = unsharded(params, tokens, mask, cfg, z)
+    mesh = shard.make_mesh(dp, mp)
+    got = sharded(shard.place_params(params, mesh), tokens, mask, cfg, z, mesh)
+    assert close(got[0], want[0]) and close(got[2], want[2])
+    for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got[1]), jax.tree.leaves(want[1])):
+        assert close(g, w), f"gradient of {jax.tree_util.keystr(path)} differs"
+
+
+@pytest.mark.parametrize("dp, mp", [(1, 1), (2, 2), (1, 4), (4, 2), (1, 8)])
+@settings(max_examples=1)
+@given(data=st.data())
+def test_kv_cache_decoding_equals_full_forward(dp, mp, data):
+    """Prefill a left-padded batch, decode one token per step: every slot's logits equal those of the row
+    alone, unpadded, through the plain full forward."""
+    cfg = mesh_config(data.draw, mp)
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
+    B, T, prefill = 2 * dp, 8, data.draw(st.integers(3, 7))
+    params = random_params(cfg, int(rng.integers(1000)))
+    start = rng.integers(0, 4, B).astype(np.int32)
+    start[0] = 0
+    tokens = rng.integers(0, cfg.n_vocab, (B, T))
+    if dp * mp == 1:
+        fwd = jax.jit(lambda p, t, s, c: gptj.forward(p, t, cfg, start=s, cache=c))
+        placed = params
+    else:
+        mesh = shard.make_mesh(dp, mp)
+        fwd = jax.jit(lambda p, t, s, c: shard.forward(p, t, cfg, mesh, s, c))
+        placed = shard.place_params(params, mesh)
+    cache = gptj.init_cache(cfg, B, cfg.n_ctx)
+    outs = []
+    for lo, hi in [(0, prefill)] + [(t, t + 1) for t in range(prefill, T)]:
+        out, cache = fwd(placed, jnp.asarray(tokens[:, lo:hi]), jnp.asarray(start), cache)
+        outs.append(out)
+    got = np.asarray(jnp.concatenate(outs, axis=1))
+    # Row b's own tokens moved to the front (the causal mask makes what follows them irrelevant).
+    unpadded = np.stack([np.roll(tokens[b], -start[b]) for b in range(B)])
+    want = np.asarray(gptj.forward(params, jnp.asarray(unpadded), cfg)[0])
+    for b in range(B):
+        assert close(got[b, start[b]:], want[b, : T - start[b]]), f"row {b} (start {start[b]}) differs"
+
+
+def test_gptj_py_runs_alone(tmp_path):
+    (tmp_path / "gptj.py").write_text(open(gptj.__file__).read())
+    code = ("import jax, gptj; c = gptj.PRESETS['tiny']; p = gptj.init_params(c, jax.random.PRNGKey(0));"
+            "t = jax.numpy.zeros((1, 9), 'int32'); print(float(gptj.loss_fn(p, t, c)))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"})
+    assert out.returncode == 0, out.stderr
+    assert 5 < float(out.stdout) < 20
