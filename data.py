@@ -246,6 +246,15 @@ def _resolve(spec: str) -> list:
         path = Path(part).expanduser()
         if part in BUILTIN:
             found = [part]
+        elif path.suffix == ".index" and path.is_file():  # the original's list of .tfrecords, one per line
+            names = [n.strip() for n in path.read_text().splitlines() if n.strip()]
+            remote = [n for n in names if "://" in n]
+            if remote:
+                raise ValueError(f"{path} lists remote files ({remote[0]}): copy them locally and list local paths")
+            found = [p if p.is_absolute() else path.parent / p for p in map(Path, names)]
+            missing = [p for p in found if not p.is_file()]
+            if missing:
+                raise ValueError(f"{path} lists {missing[0]}, which does not exist")
         else:  # a file, everything below a folder (hidden files skipped), or a glob
             matches = [path] if path.is_file() else map(Path, glob.glob(
                 str(path / "**" / "*") if path.is_dir() else str(path), recursive=True))

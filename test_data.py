@@ -193,6 +193,21 @@ def test_tfrecords_mixed_with_text_keeps_order(tmp_path):
     assert tokens.tolist() == _enc("Hello world") + [7, 8, EOT] + _enc("The dog")
 
 
+def test_original_index_file_lists_tfrecords(tmp_path):
+    """The original configs name a .index file: one .tfrecords path per line, relative to the index."""
+    (tmp_path / "shards").mkdir()
+    write_tfrecords(tmp_path / "shards" / "0.tfrecords", [[1, 2]])
+    write_tfrecords(tmp_path / "shards" / "1.tfrecords", [[3]])
+    (tmp_path / "train.index").write_text("shards/1.tfrecords\nshards/0.tfrecords\n")
+    assert data.load_tokens(str(tmp_path / "train.index"), str(tmp_path / "cache")).tolist() == [3, EOT, 1, 2, EOT]
+    (tmp_path / "remote.index").write_text("gs://bucket/0.tfrecords\n")
+    with pytest.raises(ValueError, match="remote files"):
+        data.load_tokens(str(tmp_path / "remote.index"))
+    (tmp_path / "gone.index").write_text("nope.tfrecords\n")
+    with pytest.raises(ValueError, match="does not exist"):
+        data.load_tokens(str(tmp_path / "gone.index"))
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda b: b[:-1] + bytes([b[-1] ^ 1]), r"record 1: corrupt TFRecord data"),  # data CRC
     (lambda b: b[:-3], r"record 1: corrupt TFRecord data"),  # truncated record

@@ -1,0 +1,198 @@
+"""train.py: schedule, weight decay, sharded = unsharded steps (ZeRO included), exact resume, faults, bad input."""
+import json
+import math
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import ckpt
+import data
+import gptj
+import shard
+import train
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+TINY = dict(layers=2, d_model=32, n_heads=4, pe_rotary_dims=4, n_vocab=50304, seq=16, per_replica_batch=2,
+            warmup_steps=2, anneal_steps=10, lr=3e-3, end_lr=3e-4, total_steps=4, val_every=2, val_batches=2,
+            ckpt_every=2, log_every=1, sample_tokens=0)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("corpus")
+    tokens = np.asarray(data.load_tokens("shakespeare:val"))
+    tokens[:8000].tofile(folder / "train.tokens")
+    tokens[8000:10000].tofile(folder / "val.tokens")
+    return folder
+
+
+ONE = jax.devices()[:1]  # one device unless a test is about meshes: fewer compiles, same loop
+
+
+def make_run(tmp_path, corpus, **kw):
+    values = {**train.KEYS, **TINY, "model_dir": str(tmp_path / "run"), "train_set": str(corpus / "train.tokens"),
+              "val_set": str(corpus / "val.tokens"), **kw}
+    return train.Run(**values)
+
+
+def test_schedule_matches_the_original_formula():
+    run = train.Run(**{**train.KEYS, "warmup_steps": 10, "anneal_steps": 100, "lr": 1.0, "end_lr": 0.1})
+    lr = train.schedule(run)
+    assert float(lr(0)) == 0.0 and math.isclose(float(lr(5)), 0.5)
+    assert math.isclose(float(lr(10)), 1.0, rel_tol=1e-6)
+    assert math.isclose(float(lr(60)), 0.55, rel_tol=1e-5)  # halfway down the cosine
+    assert math.isclose(float(lr(110)), 0.1, rel_tol=1e-5) and math.isclose(float(lr(10_000)), 0.1, rel_tol=1e-5)
+
+
+def test_weight_decay_only_on_matrices():
+    cfg = gptj.Config(n_vocab=64, n_ctx=8, d_model=16, n_layer=2, n_head=2, rotary_dim=4)
+    mask = train.decay_mask(gptj.init_params(cfg, jax.random.PRNGKey(0)))
+    flat = {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(mask)}
+    decayed = sorted(k for k, v in flat.items() if v)
+    assert decayed == sorted(["['wte']", "['lm_head']['weight']"] + [
+        f"['h']['{n}']['weight']" for n in ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out")])
+
+
+@pytest.mark.parametrize("dp, mp", [(2, 2), (4, 2), (2, 4), (8, 1)])
+@settings(max_examples=1)
+@given(seed=st.integers(0, 2**16), acc=st.integers(1, 2))
+def test_sharded_zero_step_equals_unsharded(dp, mp, seed, acc):
+    """Two optimizer steps on a (dp, mp) mesh, optimizer state split over dp too, equal plain single-device steps."""
+    run = train.Run(**{**train.KEYS, **TINY, "n_vocab": 64, "cores_per_replica": mp, "per_replica_batch": 8 // dp,
+                       "gradient_accumulation_steps": acc, "weight_decay": 0.1})
+    t = train.Trainer(run, jax.devices()[: dp * mp])
+    mu = t.shardings["opt_state"][1].mu
+    assert shard.DP in mu["h"]["fc_in"]["weight"].spec and shard.DP in mu["wte"].spec  # ZeRO-1: split over dp
+    cfg = t.cfg
+    _, step = train.make_step(run, cfg, None)
+    step = jax.jit(step)
+    state = t.init_state(jax.random.PRNGKey(seed))
+    rng = np.random.default_rng(seed)
+    batches = [rng.integers(0, 64, (acc, 8, run.seq + 1)).astype(np.int32) for _ in range(2)]
+    sharded = jax.device_put(state, t.shardings)
+    for b in batches:
+        state, want = step(state, b)
+        sharded, got = t.step(sharded, jax.device_put(b, t.batch_sharding))
+        assert all(math.isclose(float(got[k]), float(want[k]), rel_tol=1e-5) for k in want)
+    for path, a, b in zip(jax.tree_util.tree_leaves_with_path(sharded), jax.tree.leaves(sharded), jax.tree.leaves(state)):
+        a, b = np.asarray(a), np.asarray(b)
+        assert np.abs(a - b).max() <= 1e-5 * max(np.abs(b).max(), 1), jax.tree_util.keystr(path[0])
+
+
+def params_of(model_dir):
+    return {k: np.asarray(v) for k, v in ckpt._flat(ckpt.load(ckpt.latest(model_dir))).items()}
+
+
+def test_stop_by_signal_and_resume_is_bit_identical(tmp_path, corpus, monkeypatch):
+    whole = make_run(tmp_path / "a", corpus)
+    last = train.train(whole, ONE)
+    assert last["step"] == 4 and "val_loss" in last
+    records = [json.loads(line) for line in open(os.path.join(whole.model_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(records[0]) and "val_loss" in records[1]
+
+    # SIGTERM arrives while step 3 runs (as a preemption would): the run saves step 3 and returns.
+    cut = make_run(tmp_path / "b", corpus)
+    real = data.batch_at
+    def batch_at(tokens, position, n, seq, seed):
+        if position == 2 * n:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(tokens, position, n, seq, seed)
+    monkeypatch.setattr(data, "batch_at", batch_at)
+    assert train.train(cut, ONE)["step"] == 3
+    monkeypatch.setattr(data, "batch_at", real)
+    assert os.path.basename(ckpt.latest(cut.model_dir)) == "step_00000003"
+    assert ckpt.read_meta(ckpt.latest(cut.model_dir))["data_position"] == 3 * 2  # 3 steps of 2 rows
+
+    train.train(cut, ONE)  # resumes at step 3 and finishes
+    a, b = params_of(whole.model_dir), params_of(cut.model_dir)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    like = train.Trainer(whole, ONE).shapes
+    opt_a, opt_b = (ckpt.load(ckpt.latest(r.model_dir), like=like) for r in (whole, cut))
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(opt_a), jax.tree.leaves(opt_b)))
+
+
+def test_restore_onto_another_mesh_and_init_from(tmp_path, corpus, capsys):
+    first = make_run(tmp_path, corpus, cores_per_replica=2, per_replica_batch=1, total_steps=2)
+    train.train(first, jax.devices()[:4])  # dp 2, mp 2
+    resumed = make_run(tmp_path, corpus, cores_per_replica=1, per_replica_batch=2, total_steps=3)
+    t = train.Trainer(resumed, ONE)
+    saved = ckpt.load(ckpt.latest(first.model_dir), like=t.shapes)
+    placed = ckpt.load(ckpt.latest(first.model_dir), like=t.shapes, mesh=t.mesh, specs=t.shardings)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(saved), jax.tree.leaves(placed)))
+    assert train.train(resumed, ONE)["step"] == 3
+    assert "resumed from" in capsys.readouterr().err
+    # init_from: the weights with a fresh optimizer at step 0, in a new model_dir.
+    fresh = make_run(tmp_path / "ft", corpus, init_from=str(tmp_path / "run"), total_steps=1, ckpt_every=0)
+    train.train(fresh, ONE)
+    meta = ckpt.read_meta(ckpt.latest(fresh.model_dir))
+    assert meta["step"] == 1 and "initialised from" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
+    run = make_run(tmp_path, corpus, total_steps=2, ckpt_every=1)
+    train.train(run, ONE)
+    blowup = make_run(tmp_path, corpus, total_steps=6, lr=1e30, warmup_steps=0)
+    with pytest.raises(FloatingPointError, match="loss is nan at step 4"):
+        train.train(blowup, ONE)
+    assert os.path.basename(ckpt.latest(run.model_dir)) == "step_00000002"
+
+
+def test_corrupt_latest_checkpoint_falls_back(tmp_path, corpus, capsys):
+    run = make_run(tmp_path, corpus, total_steps=2, ckpt_every=1)
+    train.train(run, ONE)
+    leaf = os.path.join(run.model_dir, "step_00000002", "params.wte.bin")
+    with open(leaf, "r+b") as f:
+        f.truncate(100)
+    train.train(make_run(tmp_path, corpus, total_steps=3, ckpt_every=1), ONE)
+    err = capsys.readouterr().err
+    assert "step_00000002" in err and "resumed from" in err and "step_00000001" in err
+
+
+def test_plan_reports_per_device_memory():
+    run = train.Run(**{**train.KEYS, **TINY, "cores_per_replica": 2, "gradient_accumulation_steps": 2})
+    out = train.plan(run, jax.devices())
+    assert out["devices"] == 8 and out["mesh"] == {"dp": 4, "mp": 2}
+    cfg = run.model()
+    assert out["params_bytes"] == pytest.approx(4 * cfg.n_params() / 2, rel=0.01)
+    assert out["opt_state_bytes"] == pytest.approx(2 * out["params_bytes"] / 4, rel=0.05)  # ZeRO: / dp
+    assert out["total_bytes"] == out["params_bytes"] + out["opt_state_bytes"] + out["temp_bytes"]
+    assert out["flops_per_step"] == train.flops_per_token(cfg, 16) * 2 * 8 * 16
+
+
+def test_original_config_loads_as_it_is(capsys):
+    run = train.load_config("configs/6B_roto_256.json")
+    assert run.model() == gptj.GPTJ_6B and run.cores_per_replica == 8
+    assert "ignoring bucket" in capsys.readouterr().err
+    assert train.load_config("configs/6B_v3-8.json", {"lr": 1e-5}).lr == 1e-5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train_set", "/nonexistent/*.txt"], "matches no"),
+    (["--config", "{tmp}/unknown.json"], "unknown key(s) colour"),
+    (["--config", "{tmp}/badtype.json"], "key 'layers' must be int"),
+    (["--layers", "two"], "--layers 'two': expected int"),
+    (["--cores_per_replica", "3"], "cores_per_replica=3 does not divide the 8 devices"),
+    (["--seq", "512", "--n_ctx", "256"], "seq=512 is above the model's context n_ctx=256"),
+    (["--pe", "sinusoidal"], "GPT-J uses norm 'layernorm' and pe 'rotary'"),
+    (["--train_set", "{tmp}/empty.txt"], "empty (0 tokens)"),
+    (["--model_dir", "{tmp}/other"], "holds a different model (n_layer 3 vs 2"),
+])
+def test_bad_input_is_one_line_and_exits_nonzero(tmp_path, corpus, capsys, args, message):
+    (tmp_path / "unknown.json").write_text(json.dumps({"layers": 2, "colour": "red"}))
+    (tmp_path / "badtype.json").write_text(json.dumps({"layers": "2"}))
+    (tmp_path / "empty.txt").write_text("")
+    cfg = make_run(tmp_path, corpus, layers=3).model()
+    ckpt.save(str(tmp_path / "other" / "step_00000001"), {"params": gptj.init_params(cfg, jax.random.PRNGKey(0))},
+              cfg, {"step": 1, "data_position": 0})
+    base = ["--model_dir", str(tmp_path / "run"), "--train_set", str(corpus / "train.tokens"), "--val_set",
+            str(corpus / "val.tokens")] + [x for k, v in TINY.items() for x in (f"--{k}", str(v))]
+    assert train.main(base + [a.format(tmp=tmp_path) for a in args]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and message in err[-1], err

@@ -1,0 +1,428 @@
+"""Train GPT-J: small models anywhere, GPT-J-6B fine-tuning on a TPU v3-8. Resumable to the bit.
+
+    python train.py                                   # small GPT-J on the bundled Shakespeare
+    python train.py --config configs/6B_v3-8.json --init_from PATH --train_set 'data/*.jsonl'
+    python train.py --config configs/6B_v3-8.json --plan      # per-device memory, without the devices
+    python train.py --benchmark                       # tokens/s and MFU on random tokens
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import signal
+import sys
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import gptj
+import shard
+
+DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "shakespeare.json")
+
+# Every key, its default and so its type. The first group are the original mesh-transformer-jax keys.
+KEYS = dict(
+    layers=4, d_model=256, n_heads=8, n_vocab=50304, norm="layernorm", pe="rotary", pe_rotary_dims=32,
+    seq=256, cores_per_replica=1, per_replica_batch=16, gradient_accumulation_steps=1,
+    warmup_steps=100, anneal_steps=2000, lr=1e-3, end_lr=1e-4, weight_decay=0.1, total_steps=2000,
+    val_every=200, val_batches=20, ckpt_every=500, keep_every=0, tpu_size=0,
+    model_dir="runs/shakespeare", train_set="shakespeare:train", val_set="shakespeare:val", name="shakespeare",
+    # New keys (see the README):
+    n_ctx=0, d_ff=0, dtype="auto", remat=False, z_loss=1e-4, seed=0, log_every=10, keep_last=3,
+    init_from="", sample_tokens=100, grad_acc_dtype="float32",
+)
+# Original keys that only made sense on Google Cloud; accepted and reported as ignored.
+IGNORED = {"bucket", "eval_harness_tasks", "wandb_project", "comment", "tokens_per_step"}
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _model(self) -> gptj.Config:
+    """The gptj.Config this run trains."""
+    if self.norm != "layernorm" or self.pe != "rotary":
+        raise ConfigError(f"norm={self.norm!r}, pe={self.pe!r}: GPT-J uses norm 'layernorm' and pe 'rotary'")
+    dtype = self.dtype
+    if dtype == "auto":  # bf16 compute where the matrix units want it, fp32 on CPUs
+        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    n_ctx = self.n_ctx or self.seq
+    if self.seq > n_ctx:
+        raise ConfigError(f"seq={self.seq} is above the model's context n_ctx={n_ctx}: lower seq")
+    try:
+        return gptj.Config(n_vocab=self.n_vocab, n_ctx=n_ctx, d_model=self.d_model, n_layer=self.layers,
+                           n_head=self.n_heads, rotary_dim=self.pe_rotary_dims, d_ff=self.d_ff, dtype=dtype,
+                           remat=self.remat)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+# The merged training configuration, KEYS as attributes.
+Run = dataclasses.make_dataclass("Run", [(k, object, v) for k, v in KEYS.items()], frozen=True,
+                                 namespace={"model": _model})
+
+
+def _typed(key, value, where):
+    want = KEYS[key]
+    if key == "val_set" and isinstance(value, dict):
+        return value
+    if isinstance(want, bool):
+        ok = isinstance(value, bool)
+    elif isinstance(want, float):
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, type(want)) and not (isinstance(value, bool) and not isinstance(want, bool))
+    if not ok:
+        raise ConfigError(f"{where}: key {key!r} must be {type(want).__name__}, got {value!r}")
+    return value
+
+
+def _parse_flag(key, text):
+    """A command-line value, parsed as the key's type."""
+    want = KEYS[key]
+    try:
+        if isinstance(want, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        return type(want)(text)
+    except ValueError:
+        raise ConfigError(f"--{key} {text!r}: expected {type(want).__name__}") from None
+
+
+def load_config(path=None, overrides=()) -> Run:
+    """Defaults <- the JSON file <- command-line `--key value` pairs. Unknown keys are an error."""
+    path = path or DEFAULT_CONFIG
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"config {path}: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config {path}: expected a JSON object")
+    unknown = sorted(set(raw) - set(KEYS) - IGNORED)
+    if unknown:
+        raise ConfigError(f"config {path}: unknown key(s) {', '.join(unknown)}; see the README for the keys")
+    ignored = sorted(set(raw) & IGNORED)
+    if ignored:
+        print(f"config {path}: ignoring {', '.join(ignored)} (Google Cloud specifics)", file=sys.stderr)
+    values = {k: _typed(k, v, f"config {path}") for k, v in raw.items() if k in KEYS}
+    values.update(overrides)
+    return Run(**{**KEYS, **values})
+
+
+# ---------------------------------------------------------------- optimisation
+def schedule(run: Run):
+    """mesh-transformer-jax's GPT-3 schedule: linear warmup, cosine to end_lr over anneal_steps, then constant."""
+    def lr(step):
+        warm = jnp.clip(step / max(run.warmup_steps, 1), 0.0, 1.0)
+        anneal = jnp.clip((step - run.warmup_steps) / max(run.anneal_steps, 1), 0.0, 1.0)
+        return warm * run.lr - (run.lr - run.end_lr) * (1 - jnp.cos(jnp.pi * anneal)) / 2
+    return lr
+
+
+def decay_mask(params):
+    """Weight decay on matrices only: not on biases or LayerNorm parameters (the stacked layer axis excluded)."""
+    return {k: jax.tree.map(lambda x: x.ndim >= (3 if k == "h" else 2), v) for k, v in params.items()}
+
+
+def optimizer(run: Run):
+    return optax.chain(
+        optax.clip_by_global_norm(1.0),
+        optax.scale_by_adam(0.9, 0.999, 1e-8),
+        optax.add_decayed_weights(run.weight_decay, mask=decay_mask),
+        optax.scale_by_learning_rate(schedule(run)),
+    )
+
+
+def state_specs(state_shapes, mesh):
+    """Params split as shard.param_specs; optimizer state also split over dp (ZeRO-1)."""
+    pspecs = shard.param_specs(state_shapes["params"])
+    dp = mesh.shape[shard.DP]
+    by_shape = {}  # optimizer leaves mirror params: give each the spec of the param with its path suffix
+    for path, spec in jax.tree_util.tree_leaves_with_path(pspecs, is_leaf=lambda x: isinstance(x, P)):
+        by_shape[jax.tree_util.keystr(path)] = spec
+
+    def opt_spec(path, leaf):
+        key = jax.tree_util.keystr(path)
+        base = next((s for k, s in by_shape.items() if key.endswith(k)), P())
+        return shard.zero_spec(base, leaf.shape, dp) if leaf.ndim else P()
+
+    ospecs = jax.tree_util.tree_map_with_path(opt_spec, state_shapes["opt_state"])
+    return {"params": pspecs, "opt_state": ospecs}
+
+
+def make_step(run: Run, cfg: gptj.Config, mesh):
+    """The compiled training step: gradient accumulation over micro-batches inside one program."""
+    opt = optimizer(run)
+    acc_dtype = jnp.dtype(run.grad_acc_dtype)
+
+    def loss(params, tokens):
+        if mesh is None:
+            return gptj.loss_fn(params, tokens, cfg, z_loss=run.z_loss)
+        return shard.loss_fn(params, tokens, cfg, mesh, z_loss=run.z_loss)
+
+    def step(state, batch):  # batch [grad_acc, batch, seq + 1]
+        params = state["params"]
+
+        def micro(acc, tokens):
+            value, grads = jax.value_and_grad(loss)(params, tokens)
+            return jax.tree.map(lambda a, g: a + g.astype(acc_dtype), acc, grads), value
+
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, acc_dtype), params)
+        grads, losses = jax.lax.scan(micro, zeros, batch)
+        grads = jax.tree.map(lambda g, p: (g / batch.shape[0]).astype(p.dtype), grads, params)
+        updates, opt_state = opt.update(grads, state["opt_state"], params)
+        new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state}
+        count = state["opt_state"][-1].count  # the schedule's own step counter: the lr this step used
+        return new, {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads), "lr": schedule(run)(count)}
+
+    return opt, step
+
+
+def flops_per_token(cfg: gptj.Config, seq: int) -> float:
+    """Training FLOPs per token: 6 per matmul parameter (the embedding lookup is no matmul) plus attention."""
+    return 6 * (cfg.n_params() - cfg.n_vocab * cfg.d_model) + 12 * cfg.n_layer * cfg.d_model * seq
+
+
+def matmul_peak(device, dtype) -> float:
+    """Measured FLOP/s of one device on large matmuls: MFU's denominator is this times the device count."""
+    n = 1024 if device.platform == "cpu" else 8192
+    x = jax.device_put(jnp.ones((n, n), dtype), device)
+    f = jax.jit(lambda x: jax.lax.fori_loop(0, 4, lambda i, y: (y @ x) * (1 / n), x))
+    f(x).block_until_ready()
+    best = math.inf
+    for _ in range(3):
+        start = time.perf_counter()
+        f(x).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 4 * 2 * n**3 / best
+
+
+# ---------------------------------------------------------------- the run
+class Trainer:
+    """Holds what the loop needs: mesh, compiled step, shardings. The state itself stays explicit."""
+
+    def __init__(self, run: Run, devices=None):
+        self.run, self.cfg = run, run.model()
+        self.mesh = shard.mesh_for(run.cores_per_replica, devices)
+        self.dp = self.mesh.shape[shard.DP]
+        self.batch = run.per_replica_batch * self.dp
+        shard.check(self.cfg, self.mesh, self.batch)
+        self.opt, step = make_step(run, self.cfg, self.mesh)
+        shapes = jax.eval_shape(self.init_state, jax.random.PRNGKey(0))
+        self.shardings = jax.tree.map(lambda s: NamedSharding(self.mesh, s), state_specs(shapes, self.mesh),
+                                      is_leaf=lambda x: isinstance(x, P))
+        self.shapes = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
+                                   self.shardings)
+        self.batch_sharding = NamedSharding(self.mesh, P(None, shard.DP, None))
+        self.step = jax.jit(step, in_shardings=(self.shardings, self.batch_sharding),
+                            out_shardings=(self.shardings, None), donate_argnums=0)
+
+    def init_state(self, key, params=None):
+        params = gptj.init_params(self.cfg, key) if params is None else params
+        return {"params": params, "opt_state": self.opt.init(params)}
+
+    def fresh_state(self, params=None):
+        init = jax.jit(self.init_state, out_shardings=self.shardings)
+        return init(jax.random.PRNGKey(self.run.seed), params)
+
+    def tokens_per_step(self):
+        return self.batch * self.run.gradient_accumulation_steps * self.run.seq
+
+
+def plan(run: Run, devices=None) -> dict:
+    """Compile the real step for the config's mesh on abstract shapes; per-device memory without allocating."""
+    t = Trainer(run, devices)
+    batch = jax.ShapeDtypeStruct((run.gradient_accumulation_steps, t.batch, run.seq + 1), jnp.int32,
+                                 sharding=t.batch_sharding)
+    compiled = t.step.lower(t.shapes, batch).compile()
+    mem = compiled.memory_analysis()
+
+    def per_device(tree):
+        return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+    params, opt = per_device(t.shapes["params"]), per_device(t.shapes["opt_state"])
+    temp = int(mem.temp_size_in_bytes)
+    return {"devices": t.mesh.size, "mesh": {"dp": t.dp, "mp": t.mesh.shape[shard.MP]}, "params_bytes": params,
+            "opt_state_bytes": opt, "temp_bytes": temp, "total_bytes": params + opt + temp,
+            "flops_per_step": flops_per_token(t.cfg, run.seq) * t.tokens_per_step()}
+
+
+def benchmark(run: Run, steps: int = 5) -> dict:
+    t = Trainer(run)
+    rng = np.random.default_rng(0)
+    batch = jax.device_put(rng.integers(0, 50257, (run.gradient_accumulation_steps, t.batch, run.seq + 1),
+                                        dtype=np.int32), t.batch_sharding)
+    state = t.fresh_state()
+    start = time.perf_counter()
+    state, m = t.step(state, batch)
+    jax.block_until_ready(m)
+    compile_s = time.perf_counter() - start
+    state, m = t.step(state, batch)  # warm-up
+    jax.block_until_ready(m)
+    start = time.perf_counter()
+    for _ in range(steps):
+        state, m = t.step(state, batch)
+    jax.block_until_ready(m)
+    step_s = (time.perf_counter() - start) / steps
+    peak = matmul_peak(t.mesh.devices.flat[0], t.cfg.dtype) * t.mesh.size
+    flops = flops_per_token(t.cfg, run.seq) * t.tokens_per_step()
+    return {"tokens_per_s": round(t.tokens_per_step() / step_s, 1), "step_s": round(step_s, 4),
+            "mfu": round(flops / step_s / peak, 4), "compile_s": round(compile_s, 2),
+            "peak_flops": round(peak / 1e9, 1) * 1e9, "devices": t.mesh.size}
+
+
+# ---------------------------------------------------------------- the loop
+SHAPE_FIELDS = ("n_vocab", "d_model", "n_layer", "n_head", "rotary_dim", "d_ff")
+
+
+def check_compatible(cfg: gptj.Config, other: gptj.Config, where: str):
+    diff = [f"{f} {getattr(other, f)} vs {getattr(cfg, f)}" for f in SHAPE_FIELDS if getattr(other, f) != getattr(cfg, f)]
+    if diff:
+        raise ConfigError(f"{where} holds a different model ({', '.join(diff)}): "
+                          f"use another model_dir/init_from, or the config that matches it")
+
+
+def log(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def fmt_time(s):
+    return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
+
+
+def train(run: Run, devices=None) -> dict:
+    """The training loop: resume or initialise, then step, log, validate, checkpoint; returns the last log record."""
+    import ckpt
+    import data
+
+    t = Trainer(run, devices)
+    cfg = t.cfg
+    os.makedirs(run.model_dir, exist_ok=True)
+    metrics_path = os.path.join(run.model_dir, "metrics.jsonl")
+    train_tokens = data.load_tokens(run.train_set)
+    val_sets = run.val_set if isinstance(run.val_set, dict) else ({"val": run.val_set} if run.val_set else {})
+    val_tokens = {name: data.load_tokens(spec) for name, spec in val_sets.items()}
+    for name, toks in [("train_set", train_tokens)] + list(val_tokens.items()):
+        if len(toks) < run.seq + 1:
+            raise ConfigError(f"{name} has {len(toks)} tokens, fewer than seq + 1 = {run.seq + 1}: more data or lower seq")
+
+    latest = ckpt.latest(run.model_dir)
+    if latest:
+        meta = ckpt.read_meta(latest)
+        check_compatible(cfg, ckpt._meta_config(meta), f"model_dir {run.model_dir}")
+        state = ckpt.load(latest, like=t.shapes, mesh=t.mesh, specs=t.shardings)
+        step, position = meta["step"], meta["data_position"]
+        print(f"resumed from {latest} (step {step})", file=sys.stderr)
+    else:
+        params = None
+        if run.init_from:
+            params, init_cfg = ckpt.load_weights(run.init_from, mesh=t.mesh, dtype="float32")
+            check_compatible(cfg, init_cfg, f"init_from {run.init_from}")
+            print(f"initialised from {run.init_from}", file=sys.stderr)
+        state, step, position = t.fresh_state(params), 0, 0
+
+    def save(step):
+        path = os.path.join(run.model_dir, f"step_{step:08d}")
+        ckpt.save(path, state, cfg, {"step": step, "data_position": position, "run": dataclasses.asdict(run)},
+                  force=True)
+        ckpt.prune(run.model_dir, run.keep_last, run.keep_every)
+        return path
+
+    evaluate = jax.jit(lambda p, b: shard.loss_fn(p, b, cfg, t.mesh),
+                       in_shardings=(t.shardings["params"], NamedSharding(t.mesh, P(shard.DP, None))))
+
+    def validate():
+        out = {}  # the first validation set is "val_loss", further ones (original configs' dicts) by name
+        for i, (name, toks) in enumerate(val_tokens.items()):
+            batches = zip(data.eval_batches(toks, t.batch, run.seq), range(run.val_batches))
+            losses = [float(evaluate(state["params"], b)) for b, _ in batches if len(b) == t.batch]
+            if losses:
+                out["val_loss" if i == 0 else f"val_loss_{name}"] = float(np.mean(losses))
+        return out
+
+    stop = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.append(signum))
+
+    peak = matmul_peak(t.mesh.devices.flat[0], cfg.dtype) * t.mesh.size
+    fpt = flops_per_token(cfg, run.seq) * t.tokens_per_step()
+    n_seqs = run.gradient_accumulation_steps * t.batch
+    print(f"{run.name}: {cfg.n_params() / 1e6:.1f}M params, mesh dp={t.dp} mp={t.mesh.shape[shard.MP]}, "
+          f"{t.tokens_per_step()} tokens/step, {len(train_tokens)} training tokens", file=sys.stderr)
+    last = {}
+    tick, tick_step, first_step = time.perf_counter(), step, step
+    while step < run.total_steps and not stop:
+        batch = data.batch_at(train_tokens, position, n_seqs, run.seq, run.seed)
+        batch = batch.reshape(run.gradient_accumulation_steps, t.batch, run.seq + 1)
+        state, m = t.step(state, jax.device_put(batch, t.batch_sharding))
+        step, position = step + 1, position + n_seqs
+        evaluating = run.val_every > 0 and step % run.val_every == 0
+        saving = run.ckpt_every > 0 and step % run.ckpt_every == 0
+        if step % run.log_every == 0 or evaluating or saving or step == run.total_steps or stop:
+            m = {k: float(v) for k, v in m.items()}
+            if not math.isfinite(m["loss"]):
+                raise FloatingPointError(f"loss is {m['loss']} at step {step}: lower lr or check the data; "
+                                         f"the last good checkpoint is {ckpt.latest(run.model_dir)}")
+            now = time.perf_counter()
+            tps = (step - tick_step) * t.tokens_per_step() / (now - tick)
+            record = {"step": step, **m, "tokens_per_s": tps, "mfu": tps * fpt / t.tokens_per_step() / peak}
+            if evaluating or step == run.total_steps:
+                record.update(validate())
+            eta = (run.total_steps - step) * (now - tick) / (step - tick_step)
+            print(f"step {step}/{run.total_steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | {tps:,.0f} tok/s | "
+                  f"mfu {record['mfu']:.2f} | eta {fmt_time(eta)}"
+                  + "".join(f" | {k} {v:.4f}" for k, v in record.items() if k.startswith("val_loss")), flush=True)
+            log(metrics_path, record)
+            last = record
+            tick, tick_step = time.perf_counter(), step
+        if saving or step == run.total_steps or stop:
+            if step > first_step or not latest:
+                print(f"saved {save(step)}", file=sys.stderr)
+    if stop:
+        print(f"stopped by signal {stop[0]} at step {step}: resume with the same command", file=sys.stderr)
+    elif run.sample_tokens > 0:
+        print("sample:", sample_text(state["params"], cfg, t.mesh, run.sample_tokens, run.seed), flush=True)
+    return last
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", help=f"JSON config (default {os.path.relpath(DEFAULT_CONFIG)})")
+    ap.add_argument("--plan", action="store_true", help="print per-device memory of the training step and exit")
+    ap.add_argument("--benchmark", action="store_true", help="time training steps on random tokens and exit")
+    ap.add_argument("--benchmark_steps", type=int, default=5)
+    for key, default in KEYS.items():
+        ap.add_argument(f"--{key}", metavar=type(default).__name__.upper(), help=f"(default {default!r})")
+    args = ap.parse_args(argv)
+    try:
+        overrides = {k: _parse_flag(k, v) for k, v in vars(args).items() if k in KEYS and v is not None}
+        run = load_config(args.config, overrides)
+        if args.plan:
+            # Compile for the config's devices without owning them: simulate them on the CPU if needed.
+            n = run.tpu_size or run.cores_per_replica
+            jax.config.update("jax_num_cpu_devices", max(n, 1))
+            devices = jax.devices() if len(jax.devices()) >= n else jax.devices("cpu")[:n]
+            print(json.dumps(plan(run, devices)))
+        elif args.benchmark:
+            print(json.dumps(benchmark(run, args.benchmark_steps)))
+        else:
+            train(run)
+    except (ConfigError, ValueError, FloatingPointError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
