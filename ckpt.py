@@ -1,0 +1,709 @@
+"""Checkpoints: GPT-J weights in and out of this project.
+
+Three layouts, told apart by `load_weights` from what the folder holds:
+  native    meta.json + one raw little-endian `<leaf.path>.bin` per pytree leaf (memory-mappable); `save`/`load`.
+            A folder of `step_<8 digits>` native checkpoints (a training run) means its newest complete one.
+  HF        a HuggingFace GPT-J folder: config.json + model.safetensors, a sharded safetensors index, or
+            pytorch_model.bin. Torch Linear weights are [out, in]; ours are [in, out].
+  original  mesh-transformer-jax's shard_{0..S-1}/{0..15}.npz, read with that project's JSON config.
+
+Tensors stream one at a time and go straight to their device shards (see `_place`), so host memory holds
+about one tensor beyond the target arrays. Writers fill a sibling temp folder and rename it into place,
+so a failed or interrupted write leaves nothing at the destination.
+
+CLI: python ckpt.py SRC DST --to native|hf [--config ORIGINAL.json] [--dtype float32|bfloat16|float16] [--force]
+"""
+import argparse
+import dataclasses
+import importlib
+import json
+import math
+import os
+import re
+import shutil
+import struct
+import sys
+import zipfile
+from contextlib import contextmanager
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P, Sharding
+
+import gptj
+import shard
+
+FORMAT, VERSION = "gptj-jax", 1
+STEP_DIR = re.compile(r"step_(\d{8})")
+EOT = 50256
+
+
+# ---------------------------------------------------------------- shared helpers
+
+def _path_str(path) -> str:
+    """'opt_state.0.mu.h.fc_in.weight': dict keys, attribute names and sequence indices joined by dots."""
+    parts = []
+    for k in path:
+        attr = next(a for a in ("key", "name", "idx") if hasattr(k, a))
+        parts.append(str(getattr(k, attr)))
+    return ".".join(parts)
+
+
+def _flat(tree, is_leaf=None) -> dict:
+    return {_path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
+
+
+def _nest(flat: dict) -> dict:
+    out = {}
+    for name, x in flat.items():
+        *parents, last = name.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = x
+    return out
+
+
+def _param_shapes(cfg: gptj.Config) -> dict:
+    """Flat leaf path -> shape of gptj's params pytree, without allocating it."""
+    shapes = jax.eval_shape(lambda: gptj.init_params(cfg, jax.random.key(0)))
+    return {k: tuple(v.shape) for k, v in _flat(shapes).items()}
+
+
+def _shape_tree(sources) -> dict:
+    return _nest({k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype, _) in sources.items()})
+
+
+def _full(shape):
+    return tuple(slice(None) for _ in shape)
+
+
+def _transpose(a):
+    """a.T as a new C-ordered array, copied 64 rows at a time: one big strided copy misses cache, ~10x slower."""
+    out = np.empty(a.shape[::-1], a.dtype)
+    for i in range(0, a.shape[0], 64):
+        out[:, i:i + 64] = a[i:i + 64].T
+    return out
+
+
+def _memmap(file, shape, dtype, offset=0):
+    if math.prod(shape) == 0:  # mmap cannot map zero bytes
+        return np.zeros(shape, dtype)
+    return np.memmap(file, dtype, "r", offset, (math.prod(shape),)).reshape(shape)
+
+
+def _stacked(n_layer, read_layer):
+    """read(index, dtype) of a [n_layer, ...] leaf, filled layer by layer into one buffer: the only full copy."""
+    def read(idx, dtype):
+        layers = range(n_layer)[idx[0]]
+        out = None
+        for j, i in enumerate(layers):
+            part = read_layer(i, idx[1:])
+            out = np.empty((len(layers),) + part.shape, dtype) if out is None else out
+            out[j] = part
+        return out
+    return read
+
+
+def _place(shape, dtype, sharding: Sharding, read):
+    """A jax.Array built one distinct shard at a time from read(index, dtype); replicas share one read.
+    Unlike make_array_from_callback, which gathers every shard on the host first, host memory stays ~one shard."""
+    groups = {}
+    for device, idx in sharding.addressable_devices_indices_map(shape).items():
+        key = tuple(s.indices(n) for s, n in zip(idx, shape))
+        groups.setdefault(key, (idx, []))[1].append(device)
+    arrays = []
+    for idx, devices in groups.values():
+        host = read(idx, dtype)
+        arrays += jax.block_until_ready([jax.device_put(host, d) for d in devices])
+    return jax.make_array_from_single_device_arrays(shape, sharding, arrays)
+
+
+def _leaves(sources: dict, dtype=None, shardings=None, progress=False):
+    """Yield (name, array) per source leaf, host numpy or placed with shardings[name]; progress on stderr."""
+    total = sum(math.prod(s) * jnp.dtype(dtype or d).itemsize for s, d, _ in sources.values())
+    tty = sys.stderr.isatty()
+    show = progress and (total > 1e9 or tty)
+    done = 0
+    for i, (name, (shape, src_dtype, read)) in enumerate(sources.items()):
+        dt = jnp.dtype(dtype or src_dtype)
+        sharding = None if shardings is None else shardings[name]
+        yield name, read(_full(shape), dt) if sharding is None else _place(shape, dt, sharding, read)
+        done += math.prod(shape) * dt.itemsize
+        if show:
+            end = "\n" if (not tty or i + 1 == len(sources)) else ""
+            print(f"\rloading {i + 1}/{len(sources)} tensors, {done / 1e9:.1f}/{total / 1e9:.1f} GB",
+                  end=end, file=sys.stderr, flush=True)
+
+
+def _require(module):
+    """An optional package (safetensors, torch), or a one-line error saying how to get it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"this needs the optional package {module.split('.')[0]}: pip install it") from None
+
+
+def _read_json(f) -> dict:
+    try:
+        with open(f) as fh:
+            out = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{f}: unreadable JSON ({e})") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{f}: not a JSON object")
+    return out
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _atomic_dir(dst, force):
+    """Yield a sibling temp folder to fill; on success it replaces dst with one rename, on error it vanishes."""
+    dst = os.path.abspath(dst)
+    if os.path.lexists(dst) and not force:
+        raise ValueError(f"{dst} already exists: pass --force (force=True) to overwrite it")
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp, old = f"{dst}.tmp-{os.getpid()}", f"{dst}.old-{os.getpid()}"
+    for stale in (tmp, old):  # left by an earlier crashed process with our pid
+        shutil.rmtree(stale, ignore_errors=True)
+    os.mkdir(tmp)
+    try:
+        yield tmp
+        for name in os.listdir(tmp):
+            _fsync(os.path.join(tmp, name))
+        _fsync(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.lexists(dst):  # move the old one aside so dst is never missing a complete checkpoint for long
+        os.replace(dst, old)
+    os.replace(tmp, dst)
+    _fsync(parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- native format
+
+def _save_items(dst, items, cfg: gptj.Config, extra=None, force=False):
+    """Write (leaf name, array) pairs, one leaf in host memory at a time, meta.json last."""
+    with _atomic_dir(dst, force) as tmp:
+        leaves = {}
+        for name, x in items:
+            if not name or "/" in name or name.startswith(".") or name in leaves:
+                raise ValueError(f"cannot store leaf {name!r}: bad or duplicate name")
+            x = np.asarray(x)
+            x = np.asarray(x, x.dtype.newbyteorder("<"), order="C")  # (ascontiguousarray would make 0-d 1-d)
+            with open(os.path.join(tmp, name + ".bin"), "wb") as f:
+                f.write(x.reshape(-1).view(np.uint8).data)
+            leaves[name] = {"shape": list(x.shape), "dtype": x.dtype.name}
+            del x
+        meta = {**(extra or {}), "format": FORMAT, "version": VERSION, "config": dataclasses.asdict(cfg),
+                "leaves": leaves}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+
+
+def save(path, tree, cfg: gptj.Config, extra: dict | None = None, *, force: bool = False):
+    """Store any pytree of arrays (e.g. {"params": ..., "opt_state": ...}) as a native checkpoint at `path`.
+    Sharded jax arrays are fetched leaf by leaf. extra: JSON-able items added to meta.json (step, data position)."""
+    items = ((name, np.asarray(x)) for name, x in _flat(tree).items())  # lazy: one leaf at a time
+    _save_items(path, items, cfg, extra, force)
+
+
+def read_meta(path) -> dict:
+    meta = _read_json(os.path.join(path, "meta.json"))
+    if meta.get("format") != FORMAT or meta.get("version") != VERSION or not isinstance(meta.get("leaves"), dict):
+        raise ValueError(f"{os.path.join(path, 'meta.json')}: not a {FORMAT} version {VERSION} checkpoint")
+    return meta
+
+
+def _native_sources(path):
+    """meta.json and {leaf name: (shape, dtype, read(index, dtype))} over memmaps, after checking every file size."""
+    meta = read_meta(path)
+    sources = {}
+    for name, info in meta["leaves"].items():
+        f = os.path.join(path, name + ".bin")
+        try:
+            shape, dtype = tuple(info["shape"]), jnp.dtype(info["dtype"])
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{path}: bad meta.json entry for {name} ({e})") from None
+        want = math.prod(shape) * dtype.itemsize
+        size = os.path.getsize(f) if os.path.isfile(f) else None
+        if size != want:
+            raise ValueError(f"{f}: {'missing' if size is None else f'{size} bytes'}, expected {want} "
+                             f"for {shape} {dtype.name}: truncated or corrupt checkpoint")
+        mm = _memmap(f, shape, dtype)
+        sources[name] = (shape, dtype, lambda idx, dt, mm=mm: np.asarray(mm[idx], dt))
+    return meta, sources
+
+
+def meta_config(meta) -> gptj.Config:
+    known = {f.name for f in dataclasses.fields(gptj.Config)}
+    return gptj.Config(**{k: v for k, v in meta["config"].items() if k in known})
+
+
+def load(path, like=None, mesh=None, specs=None, dtype=None):
+    """Read a native checkpoint. like: a pytree of arrays/ShapeDtypeStructs; the result has its structure and
+    dtypes. like=None: the nested params dict, cast to `dtype` if given. Without mesh the leaves are host
+    numpy arrays (memmaps when no cast is needed); with mesh + specs (PartitionSpecs or Shardings shaped like
+    the result; default shard.param_specs for params) each leaf goes straight to its device shards."""
+    meta, sources = _native_sources(path)
+    if like is None:
+        sources = {k[len("params."):]: v for k, v in sources.items() if k.startswith("params.")}
+        if not sources:
+            raise ValueError(f"{path}: the checkpoint holds no params")
+        names, dtypes, treedef = list(sources), [dtype] * len(sources), None
+        specs = shard.param_specs(_shape_tree(sources)) if specs is None and mesh is not None else specs
+    else:
+        flat, treedef = jax.tree_util.tree_flatten_with_path(like)
+        names, dtypes = [_path_str(p) for p, _ in flat], [x.dtype for _, x in flat]
+        for name, (_, x) in zip(names, flat):
+            if name not in sources:
+                raise ValueError(f"{path}: no leaf {name} in the checkpoint")
+            if sources[name][0] != tuple(x.shape):
+                raise ValueError(f"{path}: leaf {name} has shape {sources[name][0]}, expected {tuple(x.shape)}")
+    shardings = None
+    if specs is not None:
+        flat_specs = _flat(specs, is_leaf=lambda s: isinstance(s, (P, Sharding)))
+        missing = [n for n in names if n not in flat_specs]
+        if missing or (mesh is None and not all(isinstance(s, Sharding) for s in flat_specs.values())):
+            raise ValueError(f"no sharding for leaf {missing[0]}" if missing else "PartitionSpecs need a mesh")
+        shardings = {n: s if isinstance(s, Sharding) else NamedSharding(mesh, s) for n, s in flat_specs.items()}
+    out = [x for name, dt in zip(names, dtypes) for _, x in _leaves({name: sources[name]}, dt, shardings)]
+    return _nest(dict(zip(names, out))) if treedef is None else treedef.unflatten(out)
+
+
+def _steps(model_dir):
+    """[(step, path)] of the step_<8 digits> folders under model_dir, oldest first (temp folders excluded)."""
+    if not os.path.isdir(model_dir):
+        return []
+    found = [(STEP_DIR.fullmatch(n), os.path.join(model_dir, n)) for n in os.listdir(model_dir)]
+    return sorted((int(m.group(1)), p) for m, p in found if m and os.path.isdir(p))
+
+
+def _complete(path) -> str | None:
+    """None if path is a complete native checkpoint, else why not."""
+    try:
+        _native_sources(path)
+    except (ValueError, OSError) as e:
+        return str(e)
+    return None
+
+
+def latest(model_dir) -> str | None:
+    """The newest complete checkpoint under model_dir, skipping (with one line on stderr) damaged newer ones."""
+    skipped = []
+    for _, path in reversed(_steps(model_dir)):
+        why = _complete(path)
+        if why is None:
+            if skipped:
+                print(f"warning: skipping damaged checkpoint {'; '.join(skipped)}; using {path}", file=sys.stderr)
+            return path
+        skipped.append(f"{path} ({why})")
+    if skipped:
+        print(f"warning: no complete checkpoint in {model_dir}: {'; '.join(skipped)}", file=sys.stderr)
+    return None
+
+
+def prune(model_dir, keep_last: int, keep_every: int):
+    """Delete all checkpoints but the newest keep_last complete ones and those whose step % keep_every == 0."""
+    steps = _steps(model_dir)
+    good = [s for s, p in steps if _complete(p) is None]
+    keep = set(good[-keep_last:]) if keep_last > 0 else set()
+    for step, path in steps:
+        if step not in keep and not (keep_every > 0 and step % keep_every == 0):
+            doomed = f"{path}.tmp-{os.getpid()}"  # rename first: a half-deleted folder is never seen as a checkpoint
+            os.replace(path, doomed)
+            shutil.rmtree(doomed)
+
+
+# ---------------------------------------------------------------- HuggingFace format
+
+HF_NAMES = {  # our leaf -> HF tensor name; {i} is the layer of a stacked leaf
+    "wte": "transformer.wte.weight",
+    "h.ln_1.weight": "transformer.h.{i}.ln_1.weight", "h.ln_1.bias": "transformer.h.{i}.ln_1.bias",
+    "h.q_proj.weight": "transformer.h.{i}.attn.q_proj.weight",
+    "h.k_proj.weight": "transformer.h.{i}.attn.k_proj.weight",
+    "h.v_proj.weight": "transformer.h.{i}.attn.v_proj.weight",
+    "h.out_proj.weight": "transformer.h.{i}.attn.out_proj.weight",
+    "h.fc_in.weight": "transformer.h.{i}.mlp.fc_in.weight", "h.fc_in.bias": "transformer.h.{i}.mlp.fc_in.bias",
+    "h.fc_out.weight": "transformer.h.{i}.mlp.fc_out.weight", "h.fc_out.bias": "transformer.h.{i}.mlp.fc_out.bias",
+    "ln_f.weight": "transformer.ln_f.weight", "ln_f.bias": "transformer.ln_f.bias",
+    "lm_head.weight": "lm_head.weight", "lm_head.bias": "lm_head.bias",
+}
+SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
+
+
+def _hf_names(leaf, cfg):
+    """HF tensors holding our leaf (one per layer if stacked), and whether they are stored [out, in]."""
+    names = [HF_NAMES[leaf].format(i=i) for i in range(cfg.n_layer)] if leaf.startswith("h.") else [HF_NAMES[leaf]]
+    return names, leaf.endswith("weight") and "ln_" not in leaf
+
+
+def _hf_config(path) -> gptj.Config:
+    f = os.path.join(path, "config.json")
+    c = _read_json(f)
+    try:
+        if c.get("model_type") != "gptj":
+            raise ValueError(f"{path} is a {c.get('model_type')} model, not GPT-J")
+        if c.get("activation_function", "gelu_new") != "gelu_new":
+            raise ValueError(f"{f}: activation {c['activation_function']} is not GPT-J's gelu_new")
+        d, heads = c["n_embd"], c["n_head"]
+        return gptj.Config(n_vocab=c["vocab_size"], n_ctx=c["n_positions"], d_model=d, n_layer=c["n_layer"],
+                           n_head=heads, rotary_dim=c.get("rotary_dim") or d // heads, d_ff=c.get("n_inner") or 0,
+                           layer_norm_eps=c.get("layer_norm_epsilon", 1e-5))
+    except KeyError as e:
+        raise ValueError(f"{f} lacks {e}") from None
+
+
+def _safetensors_tensors(f) -> dict:
+    safe_open = _require("safetensors").safe_open
+    try:
+        handle = safe_open(f, framework="numpy")
+    except Exception as e:  # the Rust error type is not importable in a stable place
+        raise ValueError(f"{f}: unreadable safetensors file ({e})") from None
+    out = {}
+    for name in handle.keys():
+        sl = handle.get_slice(name)  # reads only the bytes a slice asks for
+        out[name] = (tuple(sl.get_shape()), SAFETENSORS_DTYPES.get(sl.get_dtype()), sl.__getitem__)
+    return out
+
+
+def _torch_tensors(f) -> dict:
+    torch = _require("torch")
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise ValueError(f"{f}: unreadable PyTorch checkpoint ({e})") from None
+
+    def reader(t):
+        def read(idx):
+            x = t[idx].contiguous()
+            # numpy has no bfloat16: move the raw bits over and relabel them
+            return x.view(torch.int16).numpy().view(jnp.bfloat16) if x.dtype == torch.bfloat16 else x.numpy()
+        return read
+    names = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float64: "float64"}
+    return {n: (tuple(t.shape), names.get(t.dtype), reader(t)) for n, t in state.items() if torch.is_tensor(t)}
+
+
+def _hf_sources(path):
+    cfg = _hf_config(path)
+    index = [f for f in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
+             if os.path.isfile(os.path.join(path, f))]
+    if index:
+        weight_map = _read_json(os.path.join(path, index[0])).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{os.path.join(path, index[0])}: no weight_map")
+        files = sorted(set(weight_map.values()))
+    else:
+        files = [f for f in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(path, f))][:1]
+    if not files:
+        raise ValueError(f"{path}: no model.safetensors, sharded index or pytorch_model.bin")
+    tensors = {}
+    for f in files:
+        full = os.path.join(path, f)
+        tensors.update(_safetensors_tensors(full) if f.endswith(".safetensors") else _torch_tensors(full))
+    sources = {}
+    for leaf, shape in _param_shapes(cfg).items():
+        names, transposed = _hf_names(leaf, cfg)
+        want = shape[1:] if leaf.startswith("h.") else shape
+        want = want[::-1] if transposed else want
+        for n in names:
+            if n not in tensors:
+                raise ValueError(f"{path}: tensor {n} is missing")
+            if tensors[n][0] != want or tensors[n][1] is None:
+                raise ValueError(f"{path}: tensor {n} is {tensors[n][0]} {tensors[n][1]}, config implies {want} float")
+
+        def read_layer(i, idx, names=names, transposed=transposed):  # i is None for unstacked leaves
+            get = tensors[names[0 if i is None else i]][2]
+            return _transpose(get(idx[::-1])) if transposed else get(idx)
+        read = _stacked(cfg.n_layer, read_layer) if leaf.startswith("h.") else \
+            (lambda idx, dt, r=read_layer: np.asarray(r(None, idx), dt))
+        sources[leaf] = (shape, jnp.dtype(tensors[names[0]][1]), read)
+    return cfg, sources
+
+
+def _hf_json(cfg: gptj.Config, dtype: str) -> dict:
+    eot = EOT if cfg.n_vocab > EOT else None  # GPT-2's <|endoftext|>, when the vocabulary has it
+    return {"architectures": ["GPTJForCausalLM"], "model_type": "gptj", "vocab_size": cfg.n_vocab,
+            "n_positions": cfg.n_ctx, "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
+            "rotary_dim": cfg.rotary_dim, "n_inner": cfg.d_ff, "activation_function": "gelu_new",
+            "layer_norm_epsilon": cfg.layer_norm_eps, "bos_token_id": eot, "eos_token_id": eot,
+            "tie_word_embeddings": False, "dtype": dtype}
+
+
+def _save_hf_items(dst, items, cfg: gptj.Config, dtype=None, max_shard_bytes=2 * 1024**3, force=False):
+    """Write (our leaf, array) pairs as HF tensors, into safetensors files of at most max_shard_bytes
+    (one bigger tensor gets a file of its own). Host memory: one leaf plus one file's tensors."""
+    shapes = _param_shapes(cfg)
+    with _atomic_dir(dst, force) as tmp:
+        save_file = _require("safetensors.numpy").save_file
+        files, pending, written, dtypes = [], {}, set(), set()
+
+        def flush():
+            save_file(pending, os.path.join(tmp, f"part-{len(files)}"), metadata={"format": "pt"})
+            files.append(list(pending))
+            pending.clear()
+        for leaf, x in items:
+            if leaf not in shapes:
+                raise ValueError(f"{leaf} is not a GPT-J parameter")
+            x = np.asarray(x, dtype)
+            if x.shape != shapes[leaf]:
+                raise ValueError(f"param {leaf} is {x.shape}, config implies {shapes[leaf]}")
+            names, transposed = _hf_names(leaf, cfg)
+            for i, name in enumerate(names):
+                t = x[i] if leaf.startswith("h.") else x
+                t = _transpose(t) if transposed else np.ascontiguousarray(t)
+                if pending and sum(v.nbytes for v in pending.values()) + t.nbytes > max_shard_bytes:
+                    flush()
+                pending[name] = t
+            written.add(leaf)
+            dtypes.add(x.dtype.name)
+            del x
+        missing = set(shapes) - written
+        if missing:
+            raise ValueError(f"params lack {sorted(missing)[0]}")
+        flush()
+        if len(files) == 1:
+            os.rename(os.path.join(tmp, "part-0"), os.path.join(tmp, "model.safetensors"))
+        else:
+            weight_map = {}
+            for k, names in enumerate(files):
+                name = f"model-{k + 1:05d}-of-{len(files):05d}.safetensors"
+                os.rename(os.path.join(tmp, f"part-{k}"), os.path.join(tmp, name))
+                weight_map.update(dict.fromkeys(names, name))
+            total = sum(os.path.getsize(os.path.join(tmp, n)) for n in set(weight_map.values()))
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(_hf_json(cfg, dtypes.pop() if len(dtypes) == 1 else "float32"), f, indent=1)
+
+
+def save_hf(params, cfg: gptj.Config, dst, dtype=None, max_shard_bytes=2 * 1024**3, *, force=False):
+    """Export params as a HuggingFace GPT-J folder (config.json + safetensors) for GPTJForCausalLM.from_pretrained."""
+    items = ((name, np.asarray(x)) for name, x in _flat(params).items())
+    _save_hf_items(dst, items, cfg, dtype, max_shard_bytes, force)
+
+
+# ---------------------------------------------------------------- original mesh-transformer-jax format
+
+ORIG = "causal_transformer_shard/~/"
+# our leaf -> (Haiku module/name; layers' names are under layer_{i}/~/) and how the S shard pieces combine:
+# concatenated on an axis of the full tensor, summed (partial biases), or shard 0's copy (LayerNorms).
+ORIG_LAYER = {
+    "h.q_proj.weight": ("linear/w", 1), "h.v_proj.weight": ("linear_1/w", 1), "h.k_proj.weight": ("linear_2/w", 1),
+    "h.out_proj.weight": ("linear_3/w", 0), "h.fc_in.bias": ("linear_4/b", 0), "h.fc_in.weight": ("linear_4/w", 1),
+    "h.fc_out.bias": ("linear_5/b", "sum"), "h.fc_out.weight": ("linear_5/w", 0),
+    "h.ln_1.bias": ("replicated_layer_norm/offset", "first"), "h.ln_1.weight": ("replicated_layer_norm/scale", "first"),
+}
+ORIG_TOP = {
+    "wte": ("embedding_shard/~/linear/w", 0), "wte_bias": ("embedding_shard/~/linear/b", "sum"),
+    "lm_head.bias": ("projection_shard/~/linear/b", 0), "lm_head.weight": ("projection_shard/~/linear/w", 1),
+    "ln_f.bias": ("projection_shard/~/replicated_layer_norm/offset", "first"),
+    "ln_f.weight": ("projection_shard/~/replicated_layer_norm/scale", "first"),
+}
+
+
+def _orig_config(config):
+    """gptj.Config and cores_per_replica from the original project's JSON config (a path or a dict)."""
+    c = config if isinstance(config, dict) else _read_json(config)
+    try:
+        if c.get("pe", "rotary") != "rotary" or c.get("norm", "layernorm") != "layernorm":
+            raise ValueError(f"{config}: pe={c.get('pe')}, norm={c.get('norm')} is not GPT-J (rotary, layernorm)")
+        cfg = gptj.Config(n_vocab=c["n_vocab"], n_ctx=c["seq"], d_model=c["d_model"], n_layer=c["layers"],
+                          n_head=c["n_heads"], rotary_dim=c["pe_rotary_dims"])
+        return cfg, int(c["cores_per_replica"])
+    except KeyError as e:
+        raise ValueError(f"{config} lacks {e}: is it the original project's JSON config?") from None
+
+
+def _npz_arrays(f) -> list:
+    """Memory-mapped arrays of an uncompressed .npz (np.savez), in arr_0, arr_1, ... order; V2 read as bfloat16."""
+    try:
+        with zipfile.ZipFile(f) as z:
+            members = z.infolist()
+    except (zipfile.BadZipFile, OSError) as e:
+        raise ValueError(f"{f}: not a readable .npz, truncated? ({e})") from None
+    numbered = []
+    for m in members:
+        match = re.fullmatch(r"arr_(\d+)\.npy", m.filename)
+        if not match or m.compress_type != zipfile.ZIP_STORED:
+            raise ValueError(f"{f}: member {m.filename} is not an uncompressed arr_N.npy")
+        numbered.append((int(match.group(1)), m))
+    arrays, size = [], os.path.getsize(f)
+    with open(f, "rb") as fh:
+        for _, m in sorted(numbered, key=lambda t: t[0]):
+            fh.seek(m.header_offset + 26)  # local file header: name and extra-field lengths sit at bytes 26..30
+            name_len, extra_len = struct.unpack("<HH", fh.read(4))
+            fh.seek(m.header_offset + 30 + name_len + extra_len)
+            version = np.lib.format.read_magic(fh)
+            header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+            shape, fortran, dtype = header[version](fh)
+            dtype = jnp.dtype(jnp.bfloat16) if dtype == np.dtype("V2") else dtype  # numpy stored bf16 as raw V2
+            if fortran or dtype.hasobject or fh.tell() + math.prod(shape) * dtype.itemsize > size:
+                raise ValueError(f"{f}: {m.filename} is truncated or not a plain array")
+            arrays.append(_memmap(f, shape, dtype, fh.tell()))
+    return arrays
+
+
+def _orig_layout(n_layer):
+    """[(Haiku 'module/name', our leaf, how)] in the order jax flattens the params dict: modules sorted by
+    full path (so layers come as layer_0, layer_1, layer_10, ..., layer_2, ...), names sorted within each."""
+    rows = [(ORIG + n, leaf, how) for leaf, (n, how) in ORIG_TOP.items()]
+    rows += [(f"{ORIG}layer_{i}/~/{n}", leaf, how) for i in range(n_layer) for leaf, (n, how) in ORIG_LAYER.items()]
+    return sorted(rows, key=lambda row: row[0].rsplit("/", 1))
+
+
+def _combine(parts, how, idx):
+    """Index `idx` of the full tensor assembled from the per-shard arrays `parts`."""
+    if how == "first":
+        return parts[0][idx]
+    if how == "sum":
+        total = np.zeros(parts[0][idx].shape, np.float32)
+        for p in parts:
+            total += p[idx]
+        return total
+    n = parts[0].shape[how]  # concatenated on axis `how`: read only the shards the slice touches
+    start, stop, _ = idx[how].indices(n * len(parts))
+    pieces = []
+    for s in range(start // n, max(start // n + 1, -(-stop // n))):
+        local = list(idx)
+        local[how] = slice(max(start - s * n, 0), min(stop - s * n, n))
+        pieces.append(parts[s][tuple(local)])
+    return np.concatenate(pieces, axis=how)
+
+
+def _orig_sources(path, config):
+    if config is None:
+        raise ValueError(f"{path} is an original mesh-transformer-jax checkpoint: pass its JSON config with --config")
+    cfg, n_shards = _orig_config(config)
+    for name, size in [("n_vocab", cfg.n_vocab), ("n_heads", cfg.n_head), ("d_ff", cfg.d_ff)]:
+        if size % n_shards:
+            raise ValueError(f"{config}: {name}={size} is not divisible by cores_per_replica={n_shards}")
+    shard_dirs = [os.path.isdir(os.path.join(path, f"shard_{s}")) for s in (n_shards - 1, n_shards)]
+    if shard_dirs != [True, False]:
+        raise ValueError(f"{path}: shard folders do not match cores_per_replica={n_shards} in {config}")
+    layout = _orig_layout(cfg.n_layer)
+    full_shapes = {**_param_shapes(cfg), "wte_bias": (cfg.d_model,)}
+    shards = []  # per shard: {Haiku name: memmap}
+    for s in range(n_shards):
+        folder = os.path.join(path, f"shard_{s}")
+        files = [_npz_arrays(os.path.join(folder, f"{i}.npz")) for i in range(16)]
+        leaves = [a for arrays in files for a in arrays]
+        k, m = divmod(len(leaves), 16)  # the writer split the flat state into 16 contiguous files like this
+        if [len(a) for a in files] != [k + 1] * m + [k] * (16 - m):
+            raise ValueError(f"{folder}: its npz files hold {[len(a) for a in files]} arrays, not a 16-way split")
+        n_opt = len(leaves) - len(layout) - 1  # optimizer leaves come first (full checkpoints), step last
+        if n_opt < 0 or leaves[-1].size != 1:
+            raise ValueError(f"{folder} holds {len(leaves)} arrays, which does not fit {cfg.n_layer} layers: "
+                             "wrong --config?")
+        for j, ((name, leaf, how), arr) in enumerate(zip(layout, leaves[n_opt:-1])):
+            want = full_shapes[leaf][1:] if leaf in ORIG_LAYER else full_shapes[leaf]
+            want = tuple(d // n_shards if i == how else d for i, d in enumerate(want))
+            if arr.shape != want:
+                raise ValueError(f"{folder}: leaf {name} (array {n_opt + j}) has shape {arr.shape}, "
+                                 f"config implies {want}: wrong --config?")
+        shards.append({name: arr for (name, _, _), arr in zip(layout, leaves[n_opt:-1])})
+
+    def combine(name, how, idx):
+        return _combine([sh[ORIG + name] for sh in shards], how, idx)
+    sources = {}
+    for leaf, shape in _param_shapes(cfg).items():
+        if leaf in ORIG_LAYER:
+            name, how = ORIG_LAYER[leaf]
+            read = _stacked(cfg.n_layer, lambda i, idx, n=name, h=how: combine(f"layer_{i}/~/{n}", h, idx))
+            dtype = shards[0][f"{ORIG}layer_0/~/{name}"].dtype
+        else:
+            name, how = ORIG_TOP[leaf]
+            read = lambda idx, dt, n=name, h=how: np.asarray(combine(n, h, idx), dt)
+            dtype = shards[0][ORIG + name].dtype
+        if leaf == "wte":  # a linear on one-hot ids: its summed bias is added to every embedding row
+            read = lambda idx, dt: (combine(ORIG_TOP["wte"][0], 0, idx).astype(np.float32)
+                                    + combine(ORIG_TOP["wte_bias"][0], "sum", idx[1:])).astype(dt)
+        sources[leaf] = (shape, dtype, read)
+    return cfg, sources
+
+
+# ---------------------------------------------------------------- entry points
+
+def _open(path, config=None):
+    """(cfg, {param leaf: (shape, dtype, read)}) for whichever format `path` holds."""
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise ValueError(f"{path}: no such checkpoint folder")
+    if os.path.isfile(os.path.join(path, "meta.json")):
+        meta, sources = _native_sources(path)
+        params = {k[len("params."):]: v for k, v in sources.items() if k.startswith("params.")}
+        return meta_config(meta), params
+    if os.path.isfile(os.path.join(path, "config.json")):
+        return _hf_sources(path)
+    if os.path.isdir(os.path.join(path, "shard_0")):
+        return _orig_sources(path, config)
+    if _steps(path):
+        newest = latest(path)
+        if newest is None:
+            raise ValueError(f"{path}: no complete checkpoint among its step_* folders")
+        return _open(newest)
+    raise ValueError(f"{path} is not a GPT-J checkpoint: no meta.json (native), config.json (HuggingFace), "
+                     f"shard_0/ (original) or step_* folders")
+
+
+def _check_params(path, cfg, sources) -> dict:
+    """The sources of exactly gptj's params, in order, after checking they are all there with the right shapes."""
+    for leaf, shape in _param_shapes(cfg).items():
+        if leaf not in sources or sources[leaf][0] != shape:
+            got = sources[leaf][0] if leaf in sources else "missing"
+            raise ValueError(f"{path}: param {leaf} is {got}, config implies {shape}")
+    return {leaf: sources[leaf] for leaf in _param_shapes(cfg)}
+
+
+def load_weights(path, *, config=None, mesh=None, dtype=None, progress=True):
+    """(params, cfg) from a native checkpoint or run folder, a HuggingFace GPT-J folder, or an original
+    checkpoint (config: its JSON config). dtype: cast to it (default: as stored). With mesh, every leaf
+    goes straight onto its shard.param_specs shards; without, leaves are host numpy arrays."""
+    cfg, sources = _open(path, config)
+    sources = _check_params(path, cfg, sources)
+    shardings = None
+    if mesh is not None:
+        shard.check(cfg, mesh)
+        specs = _flat(shard.param_specs(_shape_tree(sources)), lambda s: isinstance(s, P))
+        shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
+    return _nest(dict(_leaves(sources, dtype, shardings, progress))), cfg
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="Convert GPT-J weights (native, HuggingFace or original) "
+                                             "to native or HuggingFace.")
+    ap.add_argument("src", help="checkpoint folder in any supported format")
+    ap.add_argument("dst", help="output folder (must not exist unless --force)")
+    ap.add_argument("--to", choices=["native", "hf"], required=True)
+    ap.add_argument("--config", help="the original project's JSON config (original checkpoints only)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: as stored")
+    ap.add_argument("--force", action="store_true", help="overwrite dst")
+    args = ap.parse_args(argv)
+    try:
+        cfg, sources = _open(args.src, args.config)
+        items = _leaves(_check_params(args.src, cfg, sources), args.dtype, progress=True)
+        if args.to == "native":
+            items = ((f"params.{k}", x) for k, x in items)
+            _save_items(args.dst, items, cfg, {"source": os.path.abspath(args.src)}, args.force)
+        else:
+            _save_hf_items(args.dst, items, cfg, force=args.force)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.dst}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
