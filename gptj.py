@@ -170,6 +170,8 @@ def embed(wte, tokens, mp=None):
 def forward(params, tokens, cfg: Config, *, start=None, cache=None, mp=None):
     """tokens [batch, seq] int -> (logits [batch, seq, n_vocab] fp32, updated cache or None).
 
+    params["h"] is stacked (run with lax.scan) or a list of per-layer dicts (run unrolled; the cache then
+    per_layer too).
     start [batch]: number of left-padding tokens per row (default 0); position = slot - start, and padding
     is never attended to. cache: from init_cache; the tokens are written after cache["length"] slots.
     With `mp`, logits are this device's vocab slice.
@@ -192,7 +194,16 @@ def forward(params, tokens, cfg: Config, *, start=None, cache=None, mp=None):
         layer = jax.checkpoint(layer, prevent_cse=False)
     x = embed(params["wte"], tokens, mp).astype(dt)
     kv = None if cache is None else (cache["k"], cache["v"])
-    x, kv = lax.scan(layer, x, (params["h"], kv))
+    if isinstance(params["h"], list):
+        # Per-layer weights and cache: an unrolled loop. From stacked weights XLA on GPUs copies each layer's
+        # slice out of the stack before using it, which triples the bytes read per token when decoding.
+        new_kv = []
+        for i, p in enumerate(params["h"]):
+            x, layer_kv = layer(x, (p, None if kv is None else (kv[0][i], kv[1][i])))
+            new_kv.append(layer_kv)
+        kv = None if kv is None else ([k for k, _ in new_kv], [v for _, v in new_kv])
+    else:
+        x, kv = lax.scan(layer, x, (params["h"], kv))
     x = layer_norm(x, params["ln_f"], cfg.layer_norm_eps).astype(dt)
     head = params["lm_head"]
     logits = jnp.dot(x, head["weight"].astype(dt), preferred_element_type=jnp.float32) + head["bias"]
@@ -201,11 +212,14 @@ def forward(params, tokens, cfg: Config, *, start=None, cache=None, mp=None):
     return logits, cache
 
 
-def init_cache(cfg: Config, batch: int, length: int | None = None, dtype=None) -> dict:
-    """Fixed-size KV cache: k, v [n_layer, batch, length, n_head, d_head] and the number of filled slots."""
-    shape = (cfg.n_layer, batch, length or cfg.n_ctx, cfg.n_head, cfg.d_head)
+def init_cache(cfg: Config, batch: int, length: int | None = None, dtype=None, per_layer=False) -> dict:
+    """Fixed-size KV cache: k, v [n_layer, batch, length, n_head, d_head] (per_layer: lists of n_layer
+    [batch, length, n_head, d_head], for per-layer weights) and the number of filled slots."""
+    shape = (batch, length or cfg.n_ctx, cfg.n_head, cfg.d_head)
     dtype = dtype or cfg.dtype
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "length": jnp.zeros((), jnp.int32)}
+    zeros = (lambda: [jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)]) if per_layer else (
+        lambda: jnp.zeros((cfg.n_layer,) + shape, dtype))
+    return {"k": zeros(), "v": zeros(), "length": jnp.zeros((), jnp.int32)}
 
 
 def cross_entropy(logits, targets, z_loss=0.0, mp=None):

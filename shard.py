@@ -46,24 +46,33 @@ def check(cfg: gptj.Config, mesh: Mesh, batch: int | None = None):
         raise ValueError(f"batch size {batch} is not divisible by dp={dp}: use a multiple of {dp}")
 
 
-def param_specs(params) -> dict:
-    """PartitionSpecs for a params pytree (stacked layers have a leading unsplit layer axis)."""
-    col, row = P(None, None, MP), P(None, MP, None)
+def param_specs(params=None) -> dict:
+    """PartitionSpecs for a params pytree: stacked layers have a leading unsplit layer axis; per-layer
+    params (gptj.unstack) get a list of specs without it."""
+    col, row = P(MP), P(MP, None)  # the leading input dim (with its layer axis, if any) is prepended below
+    layer = {
+        "ln_1": {"weight": P(), "bias": P()},
+        "q_proj": {"weight": P(None, MP)}, "k_proj": {"weight": P(None, MP)}, "v_proj": {"weight": P(None, MP)},
+        "out_proj": {"weight": row},
+        "fc_in": {"weight": P(None, MP), "bias": col},
+        "fc_out": {"weight": row, "bias": P()},
+    }
+    per_layer = params is not None and isinstance(params["h"], list)
+    stacked = jax.tree.map(lambda s: P(None, *s) if s else s, layer, is_leaf=lambda x: isinstance(x, P))
     return {
         "wte": P(MP, None),
-        "h": {
-            "ln_1": {"weight": P(), "bias": P()},
-            "q_proj": {"weight": col}, "k_proj": {"weight": col}, "v_proj": {"weight": col},
-            "out_proj": {"weight": row},
-            "fc_in": {"weight": col, "bias": P(None, MP)},
-            "fc_out": {"weight": row, "bias": P()},
-        },
+        "h": [layer] * len(params["h"]) if per_layer else stacked,
         "ln_f": {"weight": P(), "bias": P()},
         "lm_head": {"weight": P(None, MP), "bias": P(MP)},
     }
 
 
-CACHE_SPEC = {"k": P(None, DP, None, MP, None), "v": P(None, DP, None, MP, None), "length": P()}
+def cache_specs(cache) -> dict:
+    """KV cache split over dp by rows and over mp by heads, stacked or per layer."""
+    kv = P(DP, None, MP, None)
+    if isinstance(cache["k"], list):
+        return {"k": [kv] * len(cache["k"]), "v": [kv] * len(cache["v"]), "length": P()}
+    return {"k": P(None, *kv), "v": P(None, *kv), "length": P()}
 
 
 def zero_spec(spec: P, shape, dp: int) -> P:
@@ -97,7 +106,7 @@ def forward(params, tokens, cfg: gptj.Config, mesh: Mesh, start=None, cache=None
     def local(params, tokens, start, cache):
         return gptj.forward(params, tokens, cfg, start=start, cache=cache, mp=MP)
 
-    cache_spec = None if cache is None else CACHE_SPEC
+    cache_spec = None if cache is None else cache_specs(cache)
     return jax.shard_map(
         local, mesh=mesh,
         in_specs=(param_specs(params), P(DP, None), P(DP), cache_spec),

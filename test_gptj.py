@@ -225,10 +225,11 @@ def test_sharded_loss_grads_and_logits_equal_unsharded(dp, mp, data):
         assert close(g, w), f"gradient of {jax.tree_util.keystr(path)} differs"
 
 
-@pytest.mark.parametrize("dp, mp", [(1, 1), (2, 2), (1, 4), (4, 2), (1, 8)])
+@pytest.mark.parametrize("dp, mp, per_layer", [(1, 1, False), (1, 1, True), (2, 2, False), (2, 2, True),
+                                               (1, 4, False), (4, 2, True), (1, 8, False)])
 @settings(max_examples=1)
 @given(data=st.data())
-def test_kv_cache_decoding_equals_full_forward(dp, mp, data):
+def test_kv_cache_decoding_equals_full_forward(dp, mp, per_layer, data):
     """Prefill a left-padded batch, decode one token per step: every slot's logits equal those of the row
     alone, unpadded, through the plain full forward."""
     cfg = mesh_config(data.draw, mp)
@@ -238,14 +239,16 @@ def test_kv_cache_decoding_equals_full_forward(dp, mp, data):
     start = rng.integers(0, 4, B).astype(np.int32)
     start[0] = 0
     tokens = rng.integers(0, cfg.n_vocab, (B, T))
+    # per_layer: weights and cache as lists of layers, the unrolled path that decoding uses
+    placed = dict(params, h=[jax.tree.map(lambda x: x[i], params["h"]) for i in range(cfg.n_layer)]) \
+        if per_layer else params
     if dp * mp == 1:
         fwd = jax.jit(lambda p, t, s, c: gptj.forward(p, t, cfg, start=s, cache=c))
-        placed = params
     else:
         mesh = shard.make_mesh(dp, mp)
         fwd = jax.jit(lambda p, t, s, c: shard.forward(p, t, cfg, mesh, s, c))
-        placed = shard.place_params(params, mesh)
-    cache = gptj.init_cache(cfg, B, cfg.n_ctx)
+        placed = shard.place(placed, mesh, shard.param_specs(placed))
+    cache = gptj.init_cache(cfg, B, cfg.n_ctx, per_layer=per_layer)
     outs = []
     for lo, hi in [(0, prefill)] + [(t, t + 1) for t in range(prefill, T)]:
         out, cache = fwd(placed, jnp.asarray(tokens[:, lo:hi]), jnp.asarray(start), cache)

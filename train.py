@@ -28,10 +28,10 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "confi
 
 # Every key, its default and so its type. The first group are the original mesh-transformer-jax keys.
 KEYS = dict(
-    layers=4, d_model=256, n_heads=8, n_vocab=50304, norm="layernorm", pe="rotary", pe_rotary_dims=32,
-    seq=256, cores_per_replica=1, per_replica_batch=16, gradient_accumulation_steps=1,
-    warmup_steps=100, anneal_steps=2000, lr=1e-3, end_lr=1e-4, weight_decay=0.1, total_steps=2000,
-    val_every=200, val_batches=20, ckpt_every=500, keep_every=0, tpu_size=0,
+    layers=4, d_model=128, n_heads=4, n_vocab=50304, norm="layernorm", pe="rotary", pe_rotary_dims=32,
+    seq=128, cores_per_replica=1, per_replica_batch=8, gradient_accumulation_steps=1,
+    warmup_steps=50, anneal_steps=550, lr=3e-3, end_lr=3e-4, weight_decay=0.1, total_steps=600,
+    val_every=100, val_batches=20, ckpt_every=200, keep_every=0, tpu_size=0,
     model_dir="runs/shakespeare", train_set="shakespeare:train", val_set="shakespeare:val", name="shakespeare",
     # New keys (see the README):
     n_ctx=0, d_ff=0, dtype="auto", remat=False, z_loss=1e-4, seed=0, log_every=10, keep_last=3,
