@@ -181,7 +181,7 @@ def forward(params, tokens, cfg: Config, *, start=None, cache=None, mp=None):
     start = jnp.zeros((B,), jnp.int32) if start is None else start
     offset = 0 if cache is None else cache["length"]
     slots = offset + jnp.arange(T)  # [seq]
-    keys = slots if cache is None else jnp.arange(cache["k"].shape[2])
+    keys = slots if cache is None else jnp.arange(jax.tree.leaves(cache["k"])[0].shape[-3])  # cache slots
     mask = (keys[None, None, :] <= slots[None, :, None]) & (keys[None, None, :] >= start[:, None, None])
     positions = jnp.clip(slots[None, :] - start[:, None], 0, cfg.n_ctx - 1)  # [batch, seq]
     sin, cos = (jnp.asarray(t)[positions] for t in rotary_table(cfg))
