@@ -145,7 +145,7 @@ def _require(module):
         raise ValueError(f"this needs the optional package {module.split('.')[0]}: pip install it") from None
 
 
-def _read_json(f) -> dict:
+def read_json(f) -> dict:
     try:
         with open(f) as fh:
             out = json.load(fh)
@@ -220,7 +220,7 @@ def save(path, tree, cfg: gptj.Config, extra: dict | None = None, *, force: bool
 
 
 def read_meta(path) -> dict:
-    meta = _read_json(os.path.join(path, "meta.json"))
+    meta = read_json(os.path.join(path, "meta.json"))
     if meta.get("format") != FORMAT or meta.get("version") != VERSION or not isinstance(meta.get("leaves"), dict):
         raise ValueError(f"{os.path.join(path, 'meta.json')}: not a {FORMAT} version {VERSION} checkpoint")
     return meta
@@ -351,7 +351,7 @@ def _hf_names(leaf, cfg):
 
 def _hf_config(path) -> gptj.Config:
     f = os.path.join(path, "config.json")
-    c = _read_json(f)
+    c = read_json(f)
     try:
         if c.get("model_type") != "gptj":
             raise ValueError(f"{path} is a {c.get('model_type')} model, not GPT-J")
@@ -400,7 +400,7 @@ def _hf_sources(path):
     index = [f for f in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
              if os.path.isfile(os.path.join(path, f))]
     if index:
-        weight_map = _read_json(os.path.join(path, index[0])).get("weight_map")
+        weight_map = read_json(os.path.join(path, index[0])).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{os.path.join(path, index[0])}: no weight_map")
         files = sorted(set(weight_map.values()))
@@ -515,7 +515,7 @@ ORIG_TOP = {
 
 def _orig_config(config):
     """gptj.Config and cores_per_replica from the original project's JSON config (a path or a dict)."""
-    c = config if isinstance(config, dict) else _read_json(config)
+    c = config if isinstance(config, dict) else read_json(config)
     try:
         if c.get("pe", "rotary") != "rotary" or c.get("norm", "layernorm") != "layernorm":
             raise ValueError(f"{config}: pe={c.get('pe')}, norm={c.get('norm')} is not GPT-J (rotary, layernorm)")

@@ -21,6 +21,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import ckpt
+import data
 import gptj
 import shard
 
@@ -30,8 +32,8 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "confi
 KEYS = dict(
     layers=4, d_model=128, n_heads=4, n_vocab=50304, norm="layernorm", pe="rotary", pe_rotary_dims=32,
     seq=128, cores_per_replica=1, per_replica_batch=8, gradient_accumulation_steps=1,
-    warmup_steps=50, anneal_steps=550, lr=3e-3, end_lr=3e-4, weight_decay=0.1, total_steps=600,
-    val_every=100, val_batches=20, ckpt_every=200, keep_every=0, tpu_size=0,
+    warmup_steps=30, anneal_steps=470, lr=3e-3, end_lr=3e-4, weight_decay=0.1, total_steps=500,
+    val_every=100, val_batches=10, ckpt_every=100, keep_every=0, tpu_size=0,
     model_dir="runs/shakespeare", train_set="shakespeare:train", val_set="shakespeare:val", name="shakespeare",
     # New keys (see the README):
     n_ctx=0, d_ff=0, dtype="auto", remat=False, z_loss=1e-4, seed=0, log_every=10, keep_last=3,
@@ -100,13 +102,7 @@ def _parse_flag(key, text):
 def load_config(path=None, overrides=()) -> Run:
     """Defaults <- the JSON file <- command-line `--key value` pairs. Unknown keys are an error."""
     path = path or DEFAULT_CONFIG
-    try:
-        with open(path) as f:
-            raw = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ConfigError(f"config {path}: {e}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"config {path}: expected a JSON object")
+    raw = ckpt.read_json(path)
     unknown = sorted(set(raw) - set(KEYS) - IGNORED)
     if unknown:
         raise ConfigError(f"config {path}: unknown key(s) {', '.join(unknown)}; see the README for the keys")
@@ -302,9 +298,6 @@ def fmt_time(s):
 
 def train(run: Run, devices=None) -> dict:
     """The training loop: resume or initialise, then step, log, validate, checkpoint; returns the last log record."""
-    import ckpt
-    import data
-
     t = Trainer(run, devices)
     cfg = t.cfg
     os.makedirs(run.model_dir, exist_ok=True)
