@@ -23,6 +23,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import ckpt
 import data
+import decode
 import gptj
 import shard
 
@@ -384,7 +385,10 @@ def train(run: Run, devices=None) -> dict:
     if stop:
         print(f"stopped by signal {stop[0]} at step {step}: resume with the same command", file=sys.stderr)
     elif run.sample_tokens > 0:
-        print("sample:", sample_text(state["params"], cfg, t.mesh, run.sample_tokens, run.seed), flush=True)
+        enc = data.tokenizer()
+        row = decode.Row(decode.prompt_ids(enc, ""), run.sample_tokens, temperature=0.8, top_p=0.9, key=(run.seed, 0))
+        text = enc.decode(decode.complete(state["params"], cfg, [row], mesh=t.mesh)[0])
+        print(f"sample:\n{text}", flush=True)
     return last
 
 
