@@ -48,14 +48,14 @@ def check(cfg: gptj.Config, mesh: Mesh, batch: int | None = None):
 
 def param_specs(params=None) -> dict:
     """PartitionSpecs for a params pytree: stacked layers have a leading unsplit layer axis; per-layer
-    params (gptj.unstack) get a list of specs without it."""
-    col, row = P(MP), P(MP, None)  # the leading input dim (with its layer axis, if any) is prepended below
+    params (decode.unstack) get a list of specs without it."""
+    split_out, split_in = P(None, MP), P(MP, None)  # a layer's [in, out] weights, split by outputs or inputs
     layer = {
         "ln_1": {"weight": P(), "bias": P()},
-        "q_proj": {"weight": P(None, MP)}, "k_proj": {"weight": P(None, MP)}, "v_proj": {"weight": P(None, MP)},
-        "out_proj": {"weight": row},
-        "fc_in": {"weight": P(None, MP), "bias": col},
-        "fc_out": {"weight": row, "bias": P()},
+        "q_proj": {"weight": split_out}, "k_proj": {"weight": split_out}, "v_proj": {"weight": split_out},
+        "out_proj": {"weight": split_in},
+        "fc_in": {"weight": split_out, "bias": P(MP)},
+        "fc_out": {"weight": split_in, "bias": P()},
     }
     per_layer = params is not None and isinstance(params["h"], list)
     stacked = jax.tree.map(lambda s: P(None, *s) if s else s, layer, is_leaf=lambda x: isinstance(x, P))

@@ -33,7 +33,7 @@ DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "confi
 KEYS = dict(
     layers=4, d_model=128, n_heads=4, n_vocab=50304, norm="layernorm", pe="rotary", pe_rotary_dims=32,
     seq=128, cores_per_replica=1, per_replica_batch=8, gradient_accumulation_steps=1,
-    warmup_steps=30, anneal_steps=470, lr=3e-3, end_lr=3e-4, weight_decay=0.1, total_steps=500,
+    warmup_steps=20, anneal_steps=380, lr=3e-3, end_lr=3e-4, weight_decay=0.1, total_steps=400,
     val_every=100, val_batches=10, ckpt_every=100, keep_every=0, tpu_size=0,
     model_dir="runs/shakespeare", train_set="shakespeare:train", val_set="shakespeare:val", name="shakespeare",
     # New keys (see the README):
