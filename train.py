@@ -143,13 +143,13 @@ def state_specs(state_shapes, mesh):
     """Params split as shard.param_specs; optimizer state also split over dp (ZeRO-1)."""
     pspecs = shard.param_specs(state_shapes["params"])
     dp = mesh.shape[shard.DP]
-    by_shape = {}  # optimizer leaves mirror params: give each the spec of the param with its path suffix
-    for path, spec in jax.tree_util.tree_leaves_with_path(pspecs, is_leaf=lambda x: isinstance(x, P)):
-        by_shape[jax.tree_util.keystr(path)] = spec
+    # Adam's mu and nu mirror the params: each leaf takes the spec of the param whose key path ends its own.
+    by_path = {jax.tree_util.keystr(p): s for p, s in
+               jax.tree_util.tree_leaves_with_path(pspecs, is_leaf=lambda x: isinstance(x, P))}
 
     def opt_spec(path, leaf):
         key = jax.tree_util.keystr(path)
-        base = next((s for k, s in by_shape.items() if key.endswith(k)), P())
+        base = next((s for k, s in by_path.items() if key.endswith(k)), P())
         return shard.zero_spec(base, leaf.shape, dp) if leaf.ndim else P()
 
     ospecs = jax.tree_util.tree_map_with_path(opt_spec, state_shapes["opt_state"])
@@ -349,7 +349,7 @@ def train(run: Run, devices=None) -> dict:
         signal.signal(sig, lambda signum, frame: stop.append(signum))
 
     peak = matmul_peak(t.mesh.devices.flat[0], cfg.dtype) * t.mesh.size
-    fpt = flops_per_token(cfg, run.seq) * t.tokens_per_step()
+    fpt = flops_per_token(cfg, run.seq)
     n_seqs = run.gradient_accumulation_steps * t.batch
     print(f"{run.name}: {cfg.n_params() / 1e6:.1f}M params, mesh dp={t.dp} mp={t.mesh.shape[shard.MP]}, "
           f"{t.tokens_per_step()} tokens/step, {len(train_tokens)} training tokens", file=sys.stderr)
@@ -369,7 +369,7 @@ def train(run: Run, devices=None) -> dict:
                                          f"the last good checkpoint is {ckpt.latest(run.model_dir)}")
             now = time.perf_counter()
             tps = (step - tick_step) * t.tokens_per_step() / (now - tick)
-            record = {"step": step, **m, "tokens_per_s": tps, "mfu": tps * fpt / t.tokens_per_step() / peak}
+            record = {"step": step, **m, "tokens_per_s": tps, "mfu": tps * fpt / peak}
             if evaluating or step == run.total_steps:
                 record.update(validate())
             eta = (run.total_steps - step) * (now - tick) / (step - tick_step)
