@@ -3,6 +3,8 @@ import json
 import math
 import os
 import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -166,6 +168,28 @@ def test_plan_reports_per_device_memory():
     assert out["flops_per_step"] == train.flops_per_token(cfg, 16) * 2 * 8 * 16
 
 
+def test_benchmark_prints_speed_and_mfu(capsys):
+    flags = [x for k, v in TINY.items() for x in (f"--{k}", str(v))]
+    assert train.main(["--benchmark", "--benchmark_steps", "2"] + flags) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["devices"] == 8 and out["compile_s"] > 0 and 0 < out["mfu"] < out["mfu_6n"] < 1
+    assert out["tokens_per_s"] == pytest.approx(8 * 2 * 16 / out["step_s"], rel=0.01)  # dp 8 x batch 2 x seq 16
+    cfg = train.Run(**{**train.KEYS, **TINY}).model()
+    wte = train.flops_per_token(cfg, 16, count_wte=True) - train.flops_per_token(cfg, 16)
+    assert wte == 6 * cfg.n_vocab * cfg.d_model
+    ratio = train.flops_per_token(cfg, 16, count_wte=True) / train.flops_per_token(cfg, 16)
+    assert out["mfu_6n"] / out["mfu"] == pytest.approx(ratio, rel=0.05)
+
+
+def test_cpu_step_compiles_without_ynnpack_fusions():
+    t = train.Trainer(train.Run(**{**train.KEYS, **TINY}), ONE)
+    batch = jax.ShapeDtypeStruct((1, t.batch, 17), jnp.int32, sharding=t.batch_sharding)
+    assert "__ynn_fusion" not in t.step.lower(t.shapes, batch).compile().as_text()
+    column_sum = jax.jit(lambda x: x.sum(0)).lower(jnp.ones((64, 64)))  # what the option is there for
+    assert "__ynn_fusion" in column_sum.compile().as_text()
+    assert "__ynn_fusion" not in column_sum.compile(shard.compiler_options(t.mesh)).as_text()
+
+
 def test_original_config_loads_as_it_is(capsys):
     run = train.load_config("configs/6B_roto_256.json")
     assert run.model() == gptj.GPTJ_6B and run.cores_per_replica == 8
@@ -196,3 +220,36 @@ def test_bad_input_is_one_line_and_exits_nonzero(tmp_path, corpus, capsys, args,
     assert train.main(base + [a.format(tmp=tmp_path) for a in args]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1], err
+
+
+@pytest.mark.skipif("CS_GNU_LIBC_VERSION" not in getattr(os, "confstr_names", {}), reason="glibc only")
+@pytest.mark.parametrize("keep", [False, True])
+def test_freed_host_memory_is_reused_not_faulted_in_again(keep):
+    # Fresh processes: the setting only takes before JAX starts its threads. A loop like training's: donated
+    # state, and a 256 MiB temporary per call, which without the setting faults in its pages again each time.
+    code = f"""if 1:
+        import resource
+        import shard
+        took = {keep} and shard.keep_freed_host_memory()
+        import jax, jax.numpy as jnp
+        f = jax.jit(lambda x: x * 2 + 1, donate_argnums=0)
+        g = jax.jit(lambda x: x.sum(0) + jnp.tanh(x * 2).sum(0))
+        x = jnp.ones((64, 1 << 20))
+        def call(n, x):
+            for _ in range(n):
+                x = f(x)
+                g(x).block_until_ready()
+            return x
+        x = call(2, x)
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        call(8, x)
+        print(took, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    """
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    took, faults = res.stdout.split()
+    pages_per_call = 256 * 2**20 // os.sysconf("SC_PAGE_SIZE")
+    if keep:
+        assert took == "True" and int(faults) < pages_per_call, res.stdout
+    else:  # the problem the setting solves, so that the assertion above means something
+        assert int(faults) > 8 * pages_per_call, res.stdout
