@@ -46,7 +46,7 @@ def main():
     peak = train.matmul_peak(device, "float32")
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 50257, (a.per_replica_batch, a.seq + 1)), jnp.int32)
     state = (model.params, opt.init(model.params))
-    _, compile_s, step_s = train.time_steps(step, state, tokens, a.benchmark_steps)
+    compile_s, step_s = train.time_steps(step, state, tokens, a.benchmark_steps)
     peak = max(peak, train.matmul_peak(device, "float32"))
     cfg = train.gptj.Config(n_vocab=a.n_vocab, n_ctx=a.seq, d_model=a.d_model, n_layer=a.layers,
                             n_head=a.n_heads, rotary_dim=a.pe_rotary_dims)

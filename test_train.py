@@ -252,4 +252,6 @@ def test_freed_host_memory_is_reused_not_faulted_in_again(keep):
     if keep:
         assert took == "True" and int(faults) < pages_per_call, res.stdout
     else:  # the problem the setting solves, so that the assertion above means something
-        assert int(faults) > 8 * pages_per_call, res.stdout
+        thp = "/sys/kernel/mm/transparent_hugepage/enabled"  # huge pages for everything would hide it
+        if not (os.path.exists(thp) and "[always]" in open(thp).read()):
+            assert int(faults) > 8 * pages_per_call, res.stdout

@@ -257,8 +257,8 @@ def plan(run: Run, devices=None) -> dict:
 
 
 def time_steps(step, state, batch, steps: int):
-    """Time a step function `state, metrics = step(state, batch)`: the first call (compiling), one warm-up, then
-    the mean of `steps` calls. Returns (state, compile_s, step_s)."""
+    """Time a step function `state, metrics = step(state, batch)`: (seconds of the first call, compiling
+    included; mean seconds of `steps` calls after one warm-up)."""
     start = time.perf_counter()
     state, m = step(state, batch)
     jax.block_until_ready(m)
@@ -269,7 +269,7 @@ def time_steps(step, state, batch, steps: int):
     for _ in range(steps):
         state, m = step(state, batch)
     jax.block_until_ready(m)
-    return state, compile_s, (time.perf_counter() - start) / steps
+    return compile_s, (time.perf_counter() - start) / steps
 
 
 def speed_record(cfg: gptj.Config, seq: int, tokens_per_step: int, step_s: float, compile_s: float, peak: float,
@@ -290,7 +290,7 @@ def benchmark(run: Run, steps: int = 5) -> dict:
     rng = np.random.default_rng(0)
     batch = jax.device_put(rng.integers(0, 50257, (run.gradient_accumulation_steps, t.batch, run.seq + 1),
                                         dtype=np.int32), t.batch_sharding)
-    _, compile_s, step_s = time_steps(t.step, t.fresh_state(), batch, steps)
+    compile_s, step_s = time_steps(t.step, t.fresh_state(), batch, steps)
     peak = max(peak, matmul_peak(device, t.cfg.dtype)) * t.mesh.size
     return speed_record(t.cfg, run.seq, t.tokens_per_step(), step_s, compile_s, peak, t.mesh.size)
 
