@@ -5,7 +5,8 @@ Flax models left transformers in version 5, so this runs in a venv of its own (n
     /tmp/flax/bin/python bench_flax.py --layers 4 --d_model 512 --n_heads 8 --pe_rotary_dims 32 --seq 256 \\
         --per_replica_batch 8
 Prints the JSON line of `train.py --benchmark`, from the same timing code. The step is close to train.py's: clip
-by global norm, AdamW, fp32, one device, no z-loss.
+by global norm, AdamW, fp32, one device, no z-loss. Flax runs as its users would run it: without train.py's CPU
+allocator and compiler settings (see the README).
 """
 import argparse
 import json
