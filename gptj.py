@@ -143,17 +143,19 @@ def block(x, p, cfg: Config, sin, cos, mask, kv=None, index=None, mp=None):
     """
     dt = x.dtype
     w = lambda name: p[name]["weight"].astype(dt)
-    h = layer_norm(x, p["ln_1"], cfg.layer_norm_eps).astype(dt)
-    B, T, _ = h.shape
+    B, T, _ = x.shape
+    # Matmuls on [batch * seq, features]: from 3-D activations XLA:CPU transposes each activation gradient
+    # before computing a weight gradient, a copy per matmul (a third of the lm_head's backward pass).
+    h = layer_norm(x, p["ln_1"], cfg.layer_norm_eps).astype(dt).reshape(B * T, -1)
     q, k, v = ((h @ w(n)).reshape(B, T, -1, cfg.d_head) for n in ("q_proj", "k_proj", "v_proj"))
     q, k = apply_rotary(q, sin, cos), apply_rotary(k, sin, cos)
     if kv is not None:
         k = lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
         v = lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
         kv = (k, v)
-    attn = attention(q, k.astype(dt), v.astype(dt), mask).reshape(B, T, -1) @ w("out_proj")
+    attn = attention(q, k.astype(dt), v.astype(dt), mask).reshape(B * T, -1) @ w("out_proj")
     ff = jax.nn.gelu(h @ w("fc_in") + p["fc_in"]["bias"].astype(dt), approximate=True) @ w("fc_out")
-    return x + _psum(attn + ff, mp) + p["fc_out"]["bias"].astype(dt), kv
+    return x + _psum(attn + ff, mp).reshape(B, T, -1) + p["fc_out"]["bias"].astype(dt), kv
 
 
 def embed(wte, tokens, mp=None):
@@ -204,9 +206,10 @@ def forward(params, tokens, cfg: Config, *, start=None, cache=None, mp=None):
         kv = None if kv is None else ([k for k, _ in new_kv], [v for _, v in new_kv])
     else:
         x, kv = lax.scan(layer, x, (params["h"], kv))
-    x = layer_norm(x, params["ln_f"], cfg.layer_norm_eps).astype(dt)
+    x = layer_norm(x, params["ln_f"], cfg.layer_norm_eps).astype(dt).reshape(B * T, -1)
     head = params["lm_head"]
     logits = jnp.dot(x, head["weight"].astype(dt), preferred_element_type=jnp.float32) + head["bias"]
+    logits = logits.reshape(B, T, -1)
     if cache is not None:
         cache = {"k": kv[0], "v": kv[1], "length": offset + T}
     return logits, cache

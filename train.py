@@ -162,7 +162,7 @@ def make_step(run: Run, cfg: gptj.Config, mesh):
     acc_dtype = jnp.dtype(run.grad_acc_dtype)
 
     def loss(params, tokens):
-        if mesh is None:
+        if mesh is None or mesh.size == 1:  # shard_map's backward would copy every gradient through a psum
             return gptj.loss_fn(params, tokens, cfg, z_loss=run.z_loss)
         return shard.loss_fn(params, tokens, cfg, mesh, z_loss=run.z_loss)
 
@@ -184,18 +184,20 @@ def make_step(run: Run, cfg: gptj.Config, mesh):
     return opt, step
 
 
-def flops_per_token(cfg: gptj.Config, seq: int, count_wte: bool = False) -> float:
-    """Training FLOPs per token: 6 per matmul parameter plus attention. The embedding lookup is no matmul, so
-    wte is left out unless count_wte (the "6 x all parameters" figure often quoted, and larger by that much)."""
-    n = cfg.n_params() - (0 if count_wte else cfg.n_vocab * cfg.d_model)
-    return 6 * n + 12 * cfg.n_layer * cfg.d_model * seq
+def flops_per_token(cfg: gptj.Config, seq: int) -> float:
+    """Training FLOPs per token: 6 per parameter plus attention. wte is left out: an embedding lookup multiplies
+    nothing. (Counting it, the "6 x all parameters" often quoted, would credit a small model with a 50k vocab
+    with half again the FLOPs it does.)"""
+    return 6 * (cfg.n_params() - cfg.n_vocab * cfg.d_model) + 12 * cfg.n_layer * cfg.d_model * seq
 
 
 def matmul_peak(device, dtype) -> float:
-    """Measured FLOP/s of one device on large matmuls: MFU's denominator is this times the device count."""
+    """Measured FLOP/s of one device on large matmuls: MFU's denominator is this times the device count.
+    Compiled with the training step's options, which on CPUs are also the faster ones for matmuls."""
     n = 1024 if device.platform == "cpu" else 8192
     x = jax.device_put(jnp.ones((n, n), dtype), device)
-    f = jax.jit(lambda x: jax.lax.fori_loop(0, 4, lambda i, y: (y @ x) * (1 / n), x))
+    f = jax.jit(lambda x: jax.lax.fori_loop(0, 4, lambda i, y: (y @ x) * (1 / n), x),
+                compiler_options=shard.compiler_options(device))
     f(x).block_until_ready()
     best = math.inf
     for _ in range(3):
@@ -224,7 +226,7 @@ class Trainer:
         self.batch_sharding = NamedSharding(self.mesh, P(None, shard.DP, None))
         self.step = jax.jit(step, in_shardings=(self.shardings, self.batch_sharding),
                             out_shardings=(self.shardings, None), donate_argnums=0,
-                            compiler_options=shard.compiler_options(self.mesh))
+                            compiler_options=shard.compiler_options(self.mesh.devices.flat[0]))
 
     def init_state(self, key, params=None):
         params = gptj.init_params(self.cfg, key) if params is None else params
@@ -256,14 +258,17 @@ def plan(run: Run, devices=None) -> dict:
             "flops_per_step": flops_per_token(t.cfg, run.seq) * t.tokens_per_step()}
 
 
-def time_steps(step, state, batch, steps: int):
+def time_steps(step, state, batch, steps: int, warmup: int = 10):
     """Time a step function `state, metrics = step(state, batch)`: (seconds of the first call, compiling
-    included; mean seconds of `steps` calls after one warm-up)."""
+    included; mean seconds of `steps` calls after `warmup` more). The warm-up lets a CPU's heap reach its
+    high-water mark (see shard.keep_freed_host_memory): until then a step can fault in fresh pages, which
+    on this 2-core CPU made 1 in 5 runs with a 5-step warm-up a quarter slower."""
     start = time.perf_counter()
     state, m = step(state, batch)
     jax.block_until_ready(m)
     compile_s = time.perf_counter() - start
-    state, m = step(state, batch)
+    for _ in range(warmup):
+        state, m = step(state, batch)
     jax.block_until_ready(m)
     start = time.perf_counter()
     for _ in range(steps):
@@ -275,10 +280,9 @@ def time_steps(step, state, batch, steps: int):
 def speed_record(cfg: gptj.Config, seq: int, tokens_per_step: int, step_s: float, compile_s: float, peak: float,
                  devices: int) -> dict:
     """The --benchmark line; peak is the FLOP/s of all the devices together."""
-    mfu = lambda count_wte: round(flops_per_token(cfg, seq, count_wte) * tokens_per_step / step_s / peak, 4)
-    return {"tokens_per_s": round(tokens_per_step / step_s, 1), "step_s": round(step_s, 4), "mfu": mfu(False),
-            "mfu_6n": mfu(True), "compile_s": round(compile_s, 2), "peak_flops": round(peak / 1e9, 1) * 1e9,
-            "devices": devices}
+    mfu = flops_per_token(cfg, seq) * tokens_per_step / step_s / peak
+    return {"tokens_per_s": round(tokens_per_step / step_s, 1), "step_s": round(step_s, 4), "mfu": round(mfu, 4),
+            "compile_s": round(compile_s, 2), "peak_flops": round(peak / 1e9, 1) * 1e9, "devices": devices}
 
 
 def benchmark(run: Run, steps: int = 5) -> dict:
