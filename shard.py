@@ -20,6 +20,9 @@ import gptj
 DP, MP = "dp", "mp"
 
 
+GLIBC = "CS_GNU_LIBC_VERSION" in getattr(os, "confstr_names", {})  # the C library is glibc (not musl, macOS...)
+
+
 def keep_freed_host_memory() -> bool:
     """Have glibc keep freed memory for reuse rather than hand it back to the kernel; True if it took.
 
@@ -31,7 +34,7 @@ def keep_freed_host_memory() -> bool:
     Takes effect only before JAX starts its threads: call it first in a program. It does nothing where the
     C library is not glibc.
     """
-    if "CS_GNU_LIBC_VERSION" not in getattr(os, "confstr_names", {}):  # not glibc: musl, macOS, Windows
+    if not GLIBC:
         return False
     libc = ctypes.CDLL("libc.so.6")
     M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # from <malloc.h>; a threshold of -1: never trim

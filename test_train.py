@@ -175,11 +175,12 @@ def test_benchmark_prints_speed_and_mfu(capsys):
     assert out["devices"] == 8 and out["compile_s"] > 0 and 0 < out["mfu"] < 1
     assert out["tokens_per_s"] == pytest.approx(8 * 2 * 16 / out["step_s"], rel=0.01)  # dp 8 x batch 2 x seq 16
     cfg = train.Run(**{**train.KEYS, **TINY}).model()
-    # 6 FLOPs per parameter of every matmul, counted from the params themselves (not wte: a lookup), + attention
+    # 6 FLOPs per parameter but wte (a lookup), counted from the params themselves, + attention
     shapes = jax.eval_shape(lambda key: gptj.init_params(cfg, key), jax.random.PRNGKey(0))
     n = sum(x.size for x in jax.tree.leaves({k: v for k, v in shapes.items() if k != "wte"}))
     assert train.flops_per_token(cfg, 16) == 6 * n + 12 * cfg.n_layer * cfg.d_model * 16
-    assert out["mfu"] == pytest.approx(train.flops_per_token(cfg, 16) * 256 / out["step_s"] / out["peak_flops"], rel=0.01)
+    expected = train.flops_per_token(cfg, 16) * 256 / out["step_s"] / out["peak_flops"]
+    assert out["mfu"] == pytest.approx(expected, rel=0.01, abs=1e-4)  # the record rounds mfu to 4 decimals
 
 
 def test_cpu_step_compiles_without_ynnpack_fusions():
@@ -188,7 +189,16 @@ def test_cpu_step_compiles_without_ynnpack_fusions():
     assert "__ynn_fusion" not in t.step.lower(t.shapes, batch).compile().as_text()
     column_sum = jax.jit(lambda x: x.sum(0)).lower(jnp.ones((64, 64)))  # what the option is there for
     assert "__ynn_fusion" in column_sum.compile().as_text()
-    assert "__ynn_fusion" not in column_sum.compile(shard.compiler_options(t.mesh.devices.flat[0])).as_text()
+    assert "__ynn_fusion" not in column_sum.compile(shard.compiler_options(t.device)).as_text()
+
+
+def test_one_device_step_has_no_collectives_and_no_transposed_logit_gradient():
+    t = train.Trainer(train.Run(**{**train.KEYS, **TINY, "per_replica_batch": 3}), ONE)  # 3 x 16 != d_model
+    batch = jax.ShapeDtypeStruct((1, 3, 17), jnp.int32, sharding=t.batch_sharding)
+    hlo = t.step.lower(t.shapes, batch).compile().as_text()
+    assert "all-reduce" not in hlo  # no shard_map on one device: its backward psums every gradient
+    # From 3-D activations XLA:CPU transposed the logits' gradient to [n_vocab, batch, seq] for lm_head's.
+    assert "f32[50304,3,16]" not in hlo and "f32[50304,48]" not in hlo
 
 
 def test_original_config_loads_as_it_is(capsys):
@@ -223,7 +233,7 @@ def test_bad_input_is_one_line_and_exits_nonzero(tmp_path, corpus, capsys, args,
     assert err[-1].startswith("error: ") and message in err[-1], err
 
 
-@pytest.mark.skipif("CS_GNU_LIBC_VERSION" not in getattr(os, "confstr_names", {}), reason="glibc only")
+@pytest.mark.skipif(not shard.GLIBC, reason="glibc only")
 @pytest.mark.parametrize("keep", [False, True])
 def test_freed_host_memory_is_reused_not_faulted_in_again(keep):
     # Fresh processes: the setting only takes before JAX starts its threads. A loop like training's: donated
@@ -258,15 +268,18 @@ def test_freed_host_memory_is_reused_not_faulted_in_again(keep):
             assert int(faults) > 8 * pages_per_call, res.stdout
 
 
-@pytest.mark.skipif("CS_GNU_LIBC_VERSION" not in getattr(os, "confstr_names", {}), reason="glibc only")
-def test_freed_host_memory_is_kept_above_2_gib():
+@pytest.mark.skipif(not shard.GLIBC, reason="glibc only")
+@pytest.mark.parametrize("trim_above_2_gib", [False, True])
+def test_freed_host_memory_is_kept_above_2_gib(trim_above_2_gib):
     # glibc's largest trim threshold short of "never" is 2 GiB; a model whose step frees more than that at the
     # top of the heap would have it handed back to the kernel and faulted in again on the next step.
-    code = """if 1:
+    code = f"""if 1:
         import ctypes, resource
         import shard
         assert shard.keep_freed_host_memory()
         libc = ctypes.CDLL("libc.so.6")
+        if {trim_above_2_gib}:  # the problem, so that the assertion below means something
+            libc.mallopt(-1, 2**31 - 1)
         libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
         def touch(n=5 << 29):  # 2.5 GiB: every page written, then freed
             p = libc.malloc(n)
@@ -279,4 +292,8 @@ def test_freed_host_memory_is_kept_above_2_gib():
     """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert int(res.stdout) < 1000, res.stdout  # with trimming above 2 GiB: 655328 faults, every page again
+    pages = (5 << 29) // os.sysconf("SC_PAGE_SIZE")
+    if trim_above_2_gib:
+        assert int(res.stdout) > pages // 2, res.stdout
+    else:
+        assert int(res.stdout) < 1000, res.stdout

@@ -214,6 +214,7 @@ class Trainer:
     def __init__(self, run: Run, devices=None):
         self.run, self.cfg = run, run.model()
         self.mesh = shard.mesh_for(run.cores_per_replica, devices)
+        self.device = self.mesh.devices.flat[0]  # one of them, for what depends only on the platform
         self.dp = self.mesh.shape[shard.DP]
         self.batch = run.per_replica_batch * self.dp
         shard.check(self.cfg, self.mesh, self.batch)
@@ -226,7 +227,7 @@ class Trainer:
         self.batch_sharding = NamedSharding(self.mesh, P(None, shard.DP, None))
         self.step = jax.jit(step, in_shardings=(self.shardings, self.batch_sharding),
                             out_shardings=(self.shardings, None), donate_argnums=0,
-                            compiler_options=shard.compiler_options(self.mesh.devices.flat[0]))
+                            compiler_options=shard.compiler_options(self.device))
 
     def init_state(self, key, params=None):
         params = gptj.init_params(self.cfg, key) if params is None else params
@@ -289,13 +290,12 @@ def benchmark(run: Run, steps: int = 5) -> dict:
     """Time `steps` training steps on random tokens. The matmul peak is measured before and after them and the
     higher kept: on a shared CPU a single reading can be a third low, which would inflate mfu."""
     t = Trainer(run)
-    device = t.mesh.devices.flat[0]
-    peak = matmul_peak(device, t.cfg.dtype)
+    peak = matmul_peak(t.device, t.cfg.dtype)
     rng = np.random.default_rng(0)
     batch = jax.device_put(rng.integers(0, 50257, (run.gradient_accumulation_steps, t.batch, run.seq + 1),
                                         dtype=np.int32), t.batch_sharding)
     compile_s, step_s = time_steps(t.step, t.fresh_state(), batch, steps)
-    peak = max(peak, matmul_peak(device, t.cfg.dtype)) * t.mesh.size
+    peak = max(peak, matmul_peak(t.device, t.cfg.dtype)) * t.mesh.size
     return speed_record(t.cfg, run.seq, t.tokens_per_step(), step_s, compile_s, peak, t.mesh.size)
 
 
@@ -370,7 +370,7 @@ def train(run: Run, devices=None) -> dict:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.append(signum))
 
-    peak = matmul_peak(t.mesh.devices.flat[0], cfg.dtype) * t.mesh.size
+    peak = matmul_peak(t.device, cfg.dtype) * t.mesh.size
     fpt = flops_per_token(cfg, run.seq)
     n_seqs = run.gradient_accumulation_steps * t.batch
     print(f"{run.name}: {cfg.n_params() / 1e6:.1f}M params, mesh dp={t.dp} mp={t.mesh.shape[shard.MP]}, "
