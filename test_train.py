@@ -197,7 +197,8 @@ def test_one_device_step_has_no_collectives_and_no_transposed_logit_gradient():
     batch = jax.ShapeDtypeStruct((1, 3, 17), jnp.int32, sharding=t.batch_sharding)
     hlo = t.step.lower(t.shapes, batch).compile().as_text()
     assert "all-reduce" not in hlo  # no shard_map on one device: its backward psums every gradient
-    # From 3-D activations XLA:CPU transposed the logits' gradient to [n_vocab, batch, seq] for lm_head's.
+    # From 3-D activations XLA:CPU transposed the logits' gradient, to [n_vocab, batch, seq], for the
+    # lm_head weight gradient.
     assert "f32[50304,3,16]" not in hlo and "f32[50304,48]" not in hlo
 
 
@@ -280,7 +281,8 @@ def test_freed_host_memory_is_kept_above_2_gib(trim_above_2_gib):
         libc = ctypes.CDLL("libc.so.6")
         if {trim_above_2_gib}:  # the problem, so that the assertion below means something
             libc.mallopt(-1, 2**31 - 1)
-        libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+        libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+        libc.free.argtypes = [ctypes.c_void_p]
         def touch(n=5 << 29):  # 2.5 GiB: every page written, then freed
             p = libc.malloc(n)
             ctypes.memset(p, 1, n)
