@@ -315,10 +315,11 @@ def latest(model_dir) -> str | None:
 
 
 def prune(model_dir, keep_last: int, keep_every: int):
-    """Delete all checkpoints but the newest keep_last complete ones and those whose step % keep_every == 0."""
+    """Delete all checkpoints but the newest keep_last complete ones (at least one) and those whose
+    step % keep_every == 0."""
     steps = _steps(model_dir)
     good = [s for s, p in steps if _complete(p) is None]
-    keep = set(good[-keep_last:]) if keep_last > 0 else set()
+    keep = set(good[-max(keep_last, 1):])
     for step, path in steps:
         if step not in keep and not (keep_every > 0 and step % keep_every == 0):
             doomed = f"{path}.tmp-{os.getpid()}"  # rename first: a half-deleted folder is never seen as a checkpoint

@@ -259,6 +259,8 @@ def _resolve(spec: str) -> list:
             matches = [path] if path.is_file() else map(Path, glob.glob(
                 str(path / "**" / "*") if path.is_dir() else str(path), recursive=True))
             found = sorted(p for p in matches if p.suffix in SUFFIXES and p.is_file())
+        if not found and not any(c in part for c in "*?[") and not path.exists():
+            raise ValueError(f"data spec {part!r}: no such file or folder (or one of {', '.join(BUILTIN)})")
         if not found:
             raise ValueError(f"data spec {part!r} matches no {'/'.join(SUFFIXES)} files; "
                              f"give a file, folder, glob, or one of {', '.join(BUILTIN)}")

@@ -514,7 +514,7 @@ def main(argv=None) -> int:
         run(parse_args(argv))
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return 1
     except KeyboardInterrupt:
         return 130
     return 0

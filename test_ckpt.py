@@ -138,6 +138,8 @@ def test_prune(tmp_path):
                                              "step_00000011.tmp-99"]
     ckpt.prune(tmp_path, keep_last=1, keep_every=0)
     assert sorted(os.listdir(tmp_path)) == ["step_00000010", "step_00000011.tmp-99"]
+    ckpt.prune(tmp_path, keep_last=0, keep_every=0)  # the newest complete one is never pruned
+    assert sorted(os.listdir(tmp_path)) == ["step_00000010", "step_00000011.tmp-99"]
 
 
 def test_save_is_atomic(tmp_path):

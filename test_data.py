@@ -287,7 +287,9 @@ def test_data_errors(tmp_path):
     cache = str(tmp_path / "cache")
     with pytest.raises(ValueError, match="matches no"):
         data.load_tokens(str(tmp_path / "missing" / "*.txt"), cache)
-    with pytest.raises(ValueError, match="matches no"):
+    with pytest.raises(ValueError, match="no such file or folder"):
+        data.load_tokens(str(tmp_path / "missing.txt"), cache)
+    with pytest.raises(ValueError, match="no such file or folder .or one of shakespeare:train"):
         data.load_tokens("shakespeare:test", cache)
     (tmp_path / "empty.txt").write_text("")
     with pytest.raises(ValueError, match=r"empty \(0 tokens\)"):

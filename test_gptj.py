@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, strategies as st
 
 import gptj
 import shard
@@ -177,14 +177,17 @@ def test_remat_and_bf16():
 
 
 # ---------------------------------------------------------------- sharded == unsharded
+# Hypothesis tries the simplest example first (the first of each sampled_from list), and in CI that is the only one
+# (conftest.py). So each list starts with the demanding case: two heads per device, a partial rotary, two layers...
 def mesh_config(draw, mp):
     """A random small config whose heads, d_ff and vocab divide evenly over mp."""
-    heads_per = draw(st.integers(1, 2))
-    d_head = draw(st.sampled_from([4, 8]))
+    heads_per = draw(st.sampled_from([2, 1]))
+    d_head = draw(st.sampled_from([8, 4]))
     n_head = mp * heads_per
     return gptj.Config(
-        n_vocab=mp * draw(st.integers(4, 12)), n_ctx=16, d_model=n_head * d_head, n_layer=draw(st.integers(1, 3)),
-        n_head=n_head, rotary_dim=draw(st.sampled_from([r for r in (0, 2, 4, 8) if r <= d_head])),
+        n_vocab=mp * draw(st.integers(4, 12)), n_ctx=16, d_model=n_head * d_head, n_head=n_head,
+        n_layer=draw(st.sampled_from([2, 1, 3])),
+        rotary_dim=draw(st.sampled_from([r for r in (4, 2, 8, 0) if r <= d_head])),
         d_ff=mp * draw(st.integers(2, 8)))
 
 
@@ -205,17 +208,16 @@ def sharded(params, tokens, mask, cfg, z, mesh):
 
 
 @pytest.mark.parametrize("dp, mp", MESHES)
-@settings(max_examples=1)
 @given(data=st.data())
 def test_sharded_loss_grads_and_logits_equal_unsharded(dp, mp, data):
     cfg = mesh_config(data.draw, mp)
     seed = data.draw(st.integers(0, 2**16))
     rng = np.random.default_rng(seed)
-    B, T = dp * data.draw(st.integers(1, 2)), data.draw(st.integers(2, 9))
+    B, T = dp * data.draw(st.sampled_from([2, 1])), data.draw(st.sampled_from([7, 2, 9]))
     params = random_params(cfg, seed)
     tokens = jnp.asarray(rng.integers(0, cfg.n_vocab, (B, T + 1)))
     mask = jnp.asarray(rng.random((B, T)) < 0.8, jnp.float32).at[0, 0].set(1.0)
-    z = data.draw(st.sampled_from([0.0, 1e-4]))
+    z = data.draw(st.sampled_from([1e-4, 0.0]))
 
     want = unsharded(params, tokens, mask, cfg, z)
     mesh = shard.make_mesh(dp, mp)
@@ -227,7 +229,6 @@ def test_sharded_loss_grads_and_logits_equal_unsharded(dp, mp, data):
 
 @pytest.mark.parametrize("dp, mp, per_layer", [(1, 1, False), (1, 1, True), (2, 2, False), (2, 2, True),
                                                (1, 4, False), (4, 2, True), (1, 8, False)])
-@settings(max_examples=1)
 @given(data=st.data())
 def test_kv_cache_decoding_equals_full_forward(dp, mp, per_layer, data):
     """Prefill a left-padded batch, decode one token per step: every slot's logits equal those of the row

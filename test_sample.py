@@ -362,13 +362,13 @@ def test_cli_errors_are_one_line(capsys, checkpoint, argv, message):
     if "--checkpoint" not in argv:
         argv = ["--checkpoint", checkpoint] + argv
     code, out, err = cli(capsys, *argv)
-    assert code == 2 and out == "" and err.count("\n") == 1 and err.startswith("error: ") and message in err
+    assert code == 1 and out == "" and err.count("\n") == 1 and err.startswith("error: ") and message in err
 
 
 def test_cli_without_checkpoint_says_how_to_make_one(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, _, err = cli(capsys, "--prompt", "x")
-    assert code == 2 and "python train.py" in err
+    assert code == 1 and "python train.py" in err
 
 
 def test_benchmark_reports_speed_and_the_bound(layered):

@@ -42,6 +42,10 @@ KEYS = dict(
 )
 # Original keys that only made sense on Google Cloud; accepted and reported as ignored.
 IGNORED = {"bucket", "eval_harness_tasks", "wandb_project", "comment", "tokens_per_step"}
+# Ranges and choices that the types alone do not enforce.
+AT_LEAST_1 = ("layers", "d_model", "n_heads", "n_vocab", "seq", "cores_per_replica", "per_replica_batch",
+              "gradient_accumulation_steps", "val_batches", "log_every", "keep_last")
+CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"), "grad_acc_dtype": ("float32", "bfloat16")}
 
 
 class ConfigError(ValueError):
@@ -112,14 +116,23 @@ def load_config(path=None, overrides=()) -> Run:
         print(f"config {path}: ignoring {', '.join(ignored)} (Google Cloud specifics)", file=sys.stderr)
     values = {k: _typed(k, v, f"config {path}") for k, v in raw.items() if k in KEYS}
     values.update(overrides)
-    return Run(**{**KEYS, **values})
+    run = Run(**{**KEYS, **values})
+    for key, value in dataclasses.asdict(run).items():
+        low = 1 if key in AT_LEAST_1 else 0  # every number is a size, count, rate or seed
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value < low:
+            raise ConfigError(f"{key}={value}: must be at least {low}")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ConfigError(f"{key}={value!r}: must be one of {', '.join(CHOICES[key])}")
+    if isinstance(run.val_set, dict) and not all(isinstance(v, str) for v in run.val_set.values()):
+        raise ConfigError(f"val_set {run.val_set!r}: a dict must map names to data specs (strings)")
+    return run
 
 
 # ---------------------------------------------------------------- optimisation
 def schedule(run: Run):
     """mesh-transformer-jax's GPT-3 schedule: linear warmup, cosine to end_lr over anneal_steps, then constant."""
     def lr(step):
-        warm = jnp.clip(step / max(run.warmup_steps, 1), 0.0, 1.0)
+        warm = jnp.clip(step / run.warmup_steps, 0.0, 1.0) if run.warmup_steps else 1.0
         anneal = jnp.clip((step - run.warmup_steps) / max(run.anneal_steps, 1), 0.0, 1.0)
         return warm * run.lr - (run.lr - run.end_lr) * (1 - jnp.cos(jnp.pi * anneal)) / 2
     return lr
@@ -323,6 +336,9 @@ def train(run: Run, devices=None) -> dict:
     """The training loop: resume or initialise, then step, log, validate, checkpoint; returns the last log record."""
     t = Trainer(run, devices)
     cfg = t.cfg
+    if run.sample_tokens and (cfg.n_vocab <= data.EOT or run.sample_tokens + 1 > cfg.n_ctx):
+        raise ConfigError(f"sample_tokens={run.sample_tokens}: the final sample needs GPT-2's vocabulary (n_vocab > "
+                          f"{data.EOT}) and sample_tokens + 1 <= n_ctx = {cfg.n_ctx}: lower it, or 0 for no sample")
     os.makedirs(run.model_dir, exist_ok=True)
     metrics_path = os.path.join(run.model_dir, "metrics.jsonl")
     train_tokens = data.load_tokens(run.train_set)
@@ -331,6 +347,14 @@ def train(run: Run, devices=None) -> dict:
     for name, toks in [("train_set", train_tokens)] + list(val_tokens.items()):
         if len(toks) < run.seq + 1:
             raise ConfigError(f"{name} has {len(toks)} tokens, fewer than seq + 1 = {run.seq + 1}: more data or lower seq")
+
+    def check_ids(tokens, name):
+        if tokens.max() >= cfg.n_vocab:
+            raise ConfigError(f"{name} holds token id {tokens.max()}, not below n_vocab={cfg.n_vocab}: tokenize it "
+                              f"with the model's vocabulary, or raise n_vocab")
+
+    for name, toks in val_tokens.items():  # now; the training set batch by batch, as it can be huge
+        check_ids(toks, "val_set" if len(val_tokens) == 1 else f"val_set {name}")
 
     latest = ckpt.latest(run.model_dir)
     if latest:
@@ -354,21 +378,22 @@ def train(run: Run, devices=None) -> dict:
         ckpt.prune(run.model_dir, run.keep_last, run.keep_every)
         return path
 
-    evaluate = jax.jit(lambda p, b: shard.loss_fn(p, b, cfg, t.mesh),
-                       in_shardings=(t.shardings["params"], NamedSharding(t.mesh, P(shard.DP, None))))
+    rows = NamedSharding(t.mesh, P(shard.DP, None))
+    evaluate = jax.jit(lambda p, b, mask: shard.loss_fn(p, b, cfg, t.mesh, mask),
+                       in_shardings=(t.shardings["params"], rows, rows))
 
     def validate():
         out = {}  # the first validation set is "val_loss", further ones (original configs' dicts) by name
         for i, (name, toks) in enumerate(val_tokens.items()):
-            batches = zip(data.eval_batches(toks, t.batch, run.seq), range(run.val_batches))
-            losses = [float(evaluate(state["params"], b)) for b, _ in batches if len(b) == t.batch]
-            if losses:
-                out["val_loss" if i == 0 else f"val_loss_{name}"] = float(np.mean(losses))
+            losses = []
+            for b, _ in zip(data.eval_batches(toks, t.batch, run.seq), range(run.val_batches)):
+                # A set smaller than one batch comes as one short batch: pad it with masked-out rows.
+                mask = np.zeros((t.batch, run.seq), np.float32)
+                mask[:len(b)] = 1
+                b = np.concatenate([b, np.repeat(b[:1], t.batch - len(b), axis=0)])
+                losses.append(float(evaluate(state["params"], b, mask)))
+            out["val_loss" if i == 0 else f"val_loss_{name}"] = float(np.mean(losses))
         return out
-
-    stop = []
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda signum, frame: stop.append(signum))
 
     peak = matmul_peak(t.device, cfg.dtype) * t.mesh.size
     fpt = flops_per_token(cfg, run.seq)
@@ -377,40 +402,53 @@ def train(run: Run, devices=None) -> dict:
           f"{t.tokens_per_step()} tokens/step, {len(train_tokens)} training tokens", file=sys.stderr)
     last = {}
     tick, tick_step, first_step = time.perf_counter(), step, step
-    while step < run.total_steps and not stop:
-        batch = data.batch_at(train_tokens, position, n_seqs, run.seq, run.seed)
-        batch = batch.reshape(run.gradient_accumulation_steps, t.batch, run.seq + 1)
-        state, m = t.step(state, jax.device_put(batch, t.batch_sharding))
-        step, position = step + 1, position + n_seqs
-        evaluating = run.val_every > 0 and step % run.val_every == 0
-        saving = run.ckpt_every > 0 and step % run.ckpt_every == 0
-        if step % run.log_every == 0 or evaluating or saving or step == run.total_steps or stop:
-            m = {k: float(v) for k, v in m.items()}
-            if not math.isfinite(m["loss"]):
-                raise FloatingPointError(f"loss is {m['loss']} at step {step}: lower lr or check the data; "
-                                         f"the last good checkpoint is {ckpt.latest(run.model_dir)}")
-            now = time.perf_counter()
-            tps = (step - tick_step) * t.tokens_per_step() / (now - tick)
-            record = {"step": step, **m, "tokens_per_s": tps, "mfu": tps * fpt / peak}
-            if evaluating or step == run.total_steps:
-                record.update(validate())
-            eta = (run.total_steps - step) * (now - tick) / (step - tick_step)
-            print(f"step {step}/{run.total_steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | {tps:,.0f} tok/s | "
-                  f"mfu {record['mfu']:.2f} | eta {fmt_time(eta)}"
-                  + "".join(f" | {k} {v:.4f}" for k, v in record.items() if k.startswith("val_loss")), flush=True)
-            log(metrics_path, record)
-            last = record
-            tick, tick_step = time.perf_counter(), step
-        if saving or step == run.total_steps or stop:
-            if step > first_step or not latest:
-                print(f"saved {save(step)}", file=sys.stderr)
-    if stop:
-        print(f"stopped by signal {stop[0]} at step {step}: resume with the same command", file=sys.stderr)
-    elif run.sample_tokens > 0:
-        enc = data.tokenizer()
-        row = decode.Row(decode.prompt_ids(enc, ""), run.sample_tokens, temperature=0.8, top_p=0.9, key=(run.seed, 0))
-        text = enc.decode(decode.complete(state["params"], cfg, [row], mesh=t.mesh)[0])
-        print(f"sample:\n{text}", flush=True)
+    stop = []
+
+    def on_signal(signum, frame):
+        stop.append(signum)
+        signal.signal(signum, previous[signum])  # a second one is not caught: it interrupts at once
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while step < run.total_steps and not stop:
+            batch = data.batch_at(train_tokens, position, n_seqs, run.seq, run.seed)
+            check_ids(batch, "train_set")
+            batch = batch.reshape(run.gradient_accumulation_steps, t.batch, run.seq + 1)
+            state, m = t.step(state, jax.device_put(batch, t.batch_sharding))
+            step, position = step + 1, position + n_seqs
+            evaluating = run.val_every > 0 and step % run.val_every == 0
+            saving = run.ckpt_every > 0 and step % run.ckpt_every == 0
+            if step % run.log_every == 0 or evaluating or saving or step == run.total_steps or stop:
+                m = {k: float(v) for k, v in m.items()}
+                if not math.isfinite(m["loss"]):
+                    raise FloatingPointError(f"loss is {m['loss']} at step {step}: lower lr or check the data; "
+                                             f"the last good checkpoint is {ckpt.latest(run.model_dir)}")
+                now = time.perf_counter()
+                tps = (step - tick_step) * t.tokens_per_step() / (now - tick)
+                record = {"step": step, **m, "tokens_per_s": tps, "mfu": tps * fpt / peak}
+                if evaluating or step == run.total_steps:
+                    record.update(validate())
+                eta = (run.total_steps - step) * (now - tick) / (step - tick_step)
+                print(f"step {step}/{run.total_steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | {tps:,.0f} tok/s | "
+                      f"mfu {record['mfu']:.2f} | eta {fmt_time(eta)}"
+                      + "".join(f" | {k} {v:.4f}" for k, v in record.items() if k.startswith("val_loss")), flush=True)
+                log(metrics_path, record)
+                last = record
+                tick, tick_step = time.perf_counter(), step
+            if saving or step == run.total_steps or stop:
+                if step > first_step or not latest:
+                    print(f"saved {save(step)}", file=sys.stderr)
+        if stop:
+            print(f"stopped by signal {stop[0]} at step {step}: resume with the same command", file=sys.stderr)
+        elif run.sample_tokens > 0:
+            enc = data.tokenizer()
+            row = decode.Row(decode.prompt_ids(enc, ""), run.sample_tokens, temperature=0.8, top_p=0.9,
+                             key=(run.seed, 0))
+            text = enc.decode(decode.complete(state["params"], cfg, [row], mesh=t.mesh)[0])
+            print(f"sample:\n{text}", flush=True)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return last
 
 
