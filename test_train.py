@@ -141,6 +141,21 @@ def test_stop_by_signal_and_resume_is_bit_identical(tmp_path, corpus, monkeypatc
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(opt_a), jax.tree.leaves(opt_b)))
 
 
+def test_a_second_interrupt_is_not_caught(tmp_path, corpus, monkeypatch):
+    run = make_run(tmp_path, corpus)
+    real = data.batch_at
+    def batch_at(tokens, position, n, seq, seed):
+        if position == 2 * n:  # a stuck step: Ctrl-C, and again
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(tokens, position, n, seq, seed)
+    monkeypatch.setattr(data, "batch_at", batch_at)
+    with pytest.raises(KeyboardInterrupt):
+        train.train(run, ONE)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert os.path.basename(ckpt.latest(run.model_dir)) == "step_00000002"  # what was saved stays
+
+
 def test_restore_onto_another_mesh_and_init_from(tmp_path, corpus, capsys):
     first = make_run(tmp_path, corpus, cores_per_replica=2, per_replica_batch=1, total_steps=2)
     train.train(first, jax.devices()[:4])  # dp 2, mp 2
@@ -238,6 +253,12 @@ def test_original_config_loads_as_it_is(capsys):
     assert run.model() == gptj.GPTJ_6B and run.cores_per_replica == 8
     assert "ignoring bucket" in capsys.readouterr().err
     assert train.load_config("configs/6B_v3-8.json", {"lr": 1e-5}).lr == 1e-5
+
+
+def test_val_set_object_maps_names_to_specs(tmp_path):
+    (tmp_path / "c.json").write_text(json.dumps({"val_set": {"owt": "owt/*.jsonl", "pile": 3}}))
+    with pytest.raises(train.ConfigError, match="must map names to data specs"):
+        train.load_config(str(tmp_path / "c.json"))
 
 
 @pytest.mark.parametrize("args, message", [

@@ -78,6 +78,8 @@ Run = dataclasses.make_dataclass("Run", [(k, object, v) for k, v in KEYS.items()
 def _typed(key, value, where):
     want = KEYS[key]
     if key == "val_set" and isinstance(value, dict):
+        if not all(isinstance(v, str) for v in value.values()):
+            raise ConfigError(f"{where}: val_set {value!r} must map names to data specs (strings)")
         return value
     if isinstance(want, bool):
         ok = isinstance(value, bool)
@@ -123,8 +125,6 @@ def load_config(path=None, overrides=()) -> Run:
             raise ConfigError(f"{key}={value}: must be at least {low}")
         if key in CHOICES and value not in CHOICES[key]:
             raise ConfigError(f"{key}={value!r}: must be one of {', '.join(CHOICES[key])}")
-    if isinstance(run.val_set, dict) and not all(isinstance(v, str) for v in run.val_set.values()):
-        raise ConfigError(f"val_set {run.val_set!r}: a dict must map names to data specs (strings)")
     return run
 
 
@@ -406,7 +406,7 @@ def train(run: Run, devices=None) -> dict:
 
     def on_signal(signum, frame):
         stop.append(signum)
-        signal.signal(signum, previous[signum])  # a second one is not caught: it interrupts at once
+        signal.signal(signum, previous[signum] or signal.SIG_DFL)  # a second one is not caught: it stops at once
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -448,7 +448,7 @@ def train(run: Run, devices=None) -> dict:
             print(f"sample:\n{text}", flush=True)
     finally:
         for sig, handler in previous.items():
-            signal.signal(sig, handler)
+            signal.signal(sig, handler or signal.SIG_DFL)  # None: a handler not set from Python
     return last
 
 
