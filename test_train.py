@@ -167,8 +167,9 @@ def test_restore_onto_another_mesh_and_init_from(tmp_path, corpus, capsys):
     assert train.train(resumed, ONE)["step"] == 3
     assert "resumed from" in capsys.readouterr().err
     # init_from: the weights with a fresh optimizer at step 0, in a new model_dir.
-    fresh = make_run(tmp_path / "ft", corpus, init_from=str(tmp_path / "run"), total_steps=1, ckpt_every=0)
-    train.train(fresh, ONE)
+    fresh = make_run(tmp_path / "ft", corpus, init_from=str(tmp_path / "run"), total_steps=1, ckpt_every=0,
+                     val_batches=0)
+    assert "val_loss" not in train.train(fresh, ONE)  # val_batches 0: no validation
     meta = ckpt.read_meta(ckpt.latest(fresh.model_dir))
     assert meta["step"] == 1 and "initialised from" in capsys.readouterr().err
 
@@ -183,12 +184,15 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, corpus):
 
 
 def test_validation_set_smaller_than_a_batch_is_evaluated(tmp_path, corpus):
-    window = np.asarray(data.load_tokens(str(corpus / "val.tokens")))[:TINY["seq"] + 1]
-    window.tofile(tmp_path / "one_window.tokens")  # one window; a batch has 2 rows
-    run = make_run(tmp_path, corpus, val_set=str(tmp_path / "one_window.tokens"), total_steps=1)
+    seq = TINY["seq"]
+    tokens = np.asarray(data.load_tokens(str(corpus / "val.tokens")))[:3 * seq + 1]
+    tokens.tofile(tmp_path / "three_windows.tokens")  # a batch has 4 rows
+    run = make_run(tmp_path, corpus, val_set=str(tmp_path / "three_windows.tokens"), per_replica_batch=4,
+                   total_steps=1)
     last = train.train(run, ONE)
     params, _ = ckpt.load_weights(run.model_dir)
-    want = gptj.loss_fn(params, jnp.asarray(window[None], jnp.int32), run.model())
+    windows = np.stack([tokens[i * seq: (i + 1) * seq + 1] for i in range(3)]).astype(np.int32)
+    want = gptj.loss_fn(params, jnp.asarray(windows), run.model())  # the padding row counts for nothing
     assert math.isclose(last["val_loss"], float(want), rel_tol=1e-5)
 
 
@@ -253,6 +257,8 @@ def test_original_config_loads_as_it_is(capsys):
     assert run.model() == gptj.GPTJ_6B and run.cores_per_replica == 8
     assert "ignoring bucket" in capsys.readouterr().err
     assert train.load_config("configs/6B_v3-8.json", {"lr": 1e-5}).lr == 1e-5
+    # The original's example_config.json turns validation off so:
+    assert train.load_config("configs/6B_roto_256.json", {"val_batches": 0, "val_set": {}}).val_batches == 0
 
 
 def test_val_set_object_maps_names_to_specs(tmp_path):

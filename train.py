@@ -44,7 +44,7 @@ KEYS = dict(
 IGNORED = {"bucket", "eval_harness_tasks", "wandb_project", "comment", "tokens_per_step"}
 # Ranges and choices that the types alone do not enforce.
 AT_LEAST_1 = ("layers", "d_model", "n_heads", "n_vocab", "seq", "cores_per_replica", "per_replica_batch",
-              "gradient_accumulation_steps", "val_batches", "log_every", "keep_last")
+              "gradient_accumulation_steps", "log_every", "keep_last")
 CHOICES = {"dtype": ("auto", "float32", "bfloat16", "float16"), "grad_acc_dtype": ("float32", "bfloat16")}
 
 
@@ -392,7 +392,8 @@ def train(run: Run, devices=None) -> dict:
                 mask[:len(b)] = 1
                 b = np.concatenate([b, np.repeat(b[:1], t.batch - len(b), axis=0)])
                 losses.append(float(evaluate(state["params"], b, mask)))
-            out["val_loss" if i == 0 else f"val_loss_{name}"] = float(np.mean(losses))
+            if losses:  # val_batches 0: no validation, as in the original's example config
+                out["val_loss" if i == 0 else f"val_loss_{name}"] = float(np.mean(losses))
         return out
 
     peak = matmul_peak(t.device, cfg.dtype) * t.mesh.size
