@@ -174,11 +174,14 @@ def _atomic_dir(dst, force):
     os.makedirs(parent, exist_ok=True)
     tmp, old = f"{dst}.tmp-{os.getpid()}", f"{dst}.old-{os.getpid()}"
     for stale in (tmp, old):  # left by an earlier crashed process with our pid
-        shutil.rmtree(stale, ignore_errors=True)
+        _remove(stale)
     os.mkdir(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         yield tmp
         for name in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)  # as open() makes them; safetensors makes 0600
             _fsync(os.path.join(tmp, name))
         _fsync(tmp)
     except BaseException:
@@ -188,7 +191,15 @@ def _atomic_dir(dst, force):
         os.replace(dst, old)
     os.replace(tmp, dst)
     _fsync(parent)
-    shutil.rmtree(old, ignore_errors=True)
+    _remove(old)
+
+
+def _remove(path):
+    """Delete a folder tree, file or link if there is one."""
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.lexists(path):
+        os.remove(path)
 
 
 # ---------------------------------------------------------------- native format
@@ -233,7 +244,10 @@ def _native_sources(path):
     for name, info in meta["leaves"].items():
         f = os.path.join(path, name + ".bin")
         try:
-            shape, dtype = tuple(info["shape"]), jnp.dtype(info["dtype"])
+            shape, dtype = info["shape"], jnp.dtype(info["dtype"])
+            if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
+                raise TypeError(f"shape {shape!r} is not a list of sizes")
+            shape = tuple(shape)
         except (KeyError, TypeError) as e:
             raise ValueError(f"{path}: bad meta.json entry for {name} ({e})") from None
         want = math.prod(shape) * dtype.itemsize
@@ -246,9 +260,23 @@ def _native_sources(path):
     return meta, sources
 
 
-def meta_config(meta) -> gptj.Config:
+def meta_config(meta, where="meta.json") -> gptj.Config:
+    if not isinstance(meta.get("config"), dict):
+        raise ValueError(f"{where}: no 'config' object")
     known = {f.name for f in dataclasses.fields(gptj.Config)}
-    return gptj.Config(**{k: v for k, v in meta["config"].items() if k in known})
+    return _config(where, **{k: v for k, v in meta["config"].items() if k in known})
+
+
+def _config(where, **values) -> gptj.Config:
+    """gptj.Config from values read out of a file: a wrong type or value is a ValueError naming the file."""
+    for k, v in values.items():
+        want = type(getattr(gptj.GPTJ_6B, k))
+        if not (type(v) is want or want is float and type(v) is int):
+            raise ValueError(f"{where}: {k} is {v!r}, not {'an' if want is int else 'a'} {want.__name__}")
+    try:
+        return gptj.Config(**values)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
 
 
 def load(path, like=None, mesh=None, specs=None, dtype=None):
@@ -358,12 +386,13 @@ def _hf_config(path) -> gptj.Config:
             raise ValueError(f"{path} is a {c.get('model_type')} model, not GPT-J")
         if c.get("activation_function", "gelu_new") != "gelu_new":
             raise ValueError(f"{f}: activation {c['activation_function']} is not GPT-J's gelu_new")
-        d, heads = c["n_embd"], c["n_head"]
-        return gptj.Config(n_vocab=c["vocab_size"], n_ctx=c["n_positions"], d_model=d, n_layer=c["n_layer"],
-                           n_head=heads, rotary_dim=c.get("rotary_dim") or d // heads, d_ff=c.get("n_inner") or 0,
-                           layer_norm_eps=c.get("layer_norm_epsilon", 1e-5))
+        rotary = c.get("rotary_dim")  # null: rotary over whole heads
+        cfg = _config(f, n_vocab=c["vocab_size"], n_ctx=c["n_positions"], d_model=c["n_embd"], n_layer=c["n_layer"],
+                      n_head=c["n_head"], rotary_dim=0 if rotary is None else rotary, d_ff=c.get("n_inner") or 0,
+                      layer_norm_eps=c.get("layer_norm_epsilon", 1e-5))
     except KeyError as e:
         raise ValueError(f"{f} lacks {e}") from None
+    return cfg if rotary is not None else dataclasses.replace(cfg, rotary_dim=cfg.d_head)
 
 
 def _safetensors_tensors(f) -> dict:
@@ -445,6 +474,9 @@ def _hf_json(cfg: gptj.Config, dtype: str) -> dict:
 def _save_hf_items(dst, items, cfg: gptj.Config, dtype=None, max_shard_bytes=2 * 1024**3, force=False):
     """Write (our leaf, array) pairs as HF tensors, into safetensors files of at most max_shard_bytes
     (one bigger tensor gets a file of its own). Host memory: one leaf plus one file's tensors."""
+    if cfg.rotary_dim == 0:
+        raise ValueError("HuggingFace's GPT-J has no rotary_dim 0 (it reads 0 as no setting and fails): this "
+                         "model cannot be exported to it; keep it native")
     shapes = _param_shapes(cfg)
     with _atomic_dir(dst, force) as tmp:
         save_file = _require("safetensors.numpy").save_file
@@ -520,8 +552,8 @@ def _orig_config(config):
     try:
         if c.get("pe", "rotary") != "rotary" or c.get("norm", "layernorm") != "layernorm":
             raise ValueError(f"{config}: pe={c.get('pe')}, norm={c.get('norm')} is not GPT-J (rotary, layernorm)")
-        cfg = gptj.Config(n_vocab=c["n_vocab"], n_ctx=c["seq"], d_model=c["d_model"], n_layer=c["layers"],
-                          n_head=c["n_heads"], rotary_dim=c["pe_rotary_dims"])
+        cfg = _config("config" if isinstance(config, dict) else config, n_vocab=c["n_vocab"], n_ctx=c["seq"],
+                      d_model=c["d_model"], n_layer=c["layers"], n_head=c["n_heads"], rotary_dim=c["pe_rotary_dims"])
         return cfg, int(c["cores_per_replica"])
     except KeyError as e:
         raise ValueError(f"{config} lacks {e}: is it the original project's JSON config?") from None
@@ -644,7 +676,7 @@ def _open(path, config=None):
     if os.path.isfile(os.path.join(path, "meta.json")):
         meta, sources = _native_sources(path)
         params = {k[len("params."):]: v for k, v in sources.items() if k.startswith("params.")}
-        return meta_config(meta), params
+        return meta_config(meta, os.path.join(path, "meta.json")), params
     if os.path.isfile(os.path.join(path, "config.json")):
         return _hf_sources(path)
     if os.path.isdir(os.path.join(path, "shard_0")):
@@ -702,6 +734,9 @@ def main(argv=None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the partial output is already removed
+        print(f"interrupted: {args.dst} not written", file=sys.stderr)
+        return 130
     print(f"wrote {args.dst}", file=sys.stderr)
     return 0
 

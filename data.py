@@ -191,6 +191,8 @@ def _documents(source: str | Path) -> Iterator[tuple[str | np.ndarray, int]]:
         for ids, nbytes in _tfrecord_docs(source):
             yield (ids if ids.size == 0 or ids[-1] == EOT else np.append(ids, EOT).astype(TOKEN_DTYPE)), nbytes
     else:  # .tokens: already a finished stream, separators included; taken verbatim
+        if source.stat().st_size % 2:
+            raise ValueError(f"{source}: odd byte count, not a stream of uint16 tokens; check the data")
         yield np.fromfile(source, TOKEN_DTYPE), source.stat().st_size
 
 

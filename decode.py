@@ -77,7 +77,8 @@ def sample_logits(logits, keys, step, temperature, top_k, top_p, vocab=VOCAB):
     greedy = logits.argmax(-1).astype(jnp.int32)
 
     def draw(logits):
-        scaled = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        # An infinite temperature is the uniform draw; the re-mask keeps -inf / inf from becoming NaN.
+        scaled = jnp.where(logits > -jnp.inf, logits / jnp.where(temperature > 0, temperature, 1.0)[:, None], -jnp.inf)
         scaled = lax.cond(jnp.any((top_k > 0) | (top_p < 1)), filter_logits, lambda x, k, p: x, scaled, top_k, top_p)
         row_key = lambda key: jax.random.fold_in(jax.random.wrap_key_data(key, impl="threefry2x32"), step)
         sampled = jax.vmap(lambda key, row: jax.random.categorical(row_key(key), row))(keys, scaled)
@@ -176,8 +177,8 @@ class Row:
 def check(rows, cfg):
     """Raise a ValueError naming the first row that cannot be generated."""
     for i, r in enumerate(rows):
-        if r.max_new < 1 or not r.ids or max(r.ids) >= cfg.n_vocab:
-            raise ValueError(f"completion {i} needs a non-empty prompt of ids < {cfg.n_vocab} and max_new >= 1")
+        if r.max_new < 1 or not r.ids or min(r.ids) < 0 or max(r.ids) >= cfg.n_vocab:
+            raise ValueError(f"completion {i} needs a non-empty prompt of ids in [0, {cfg.n_vocab}) and max_new >= 1")
         if len(r.ids) + r.max_new > cfg.n_ctx:
             raise ValueError(f"completion {i}: a prompt of {len(r.ids)} tokens plus {r.max_new} new tokens "
                              f"exceeds the context of {cfg.n_ctx}")
@@ -193,9 +194,10 @@ def pack(rows, mesh=None, eot=EOT):
     tokens, start = np.full((B, T), eot, np.int32), np.array([T - len(r.ids) for r in rows], np.int32)
     for b, r in enumerate(rows):
         tokens[b, start[b]:] = r.ids
+    # Beyond float32 and int32 the settings mean the same as at their limits: a flat draw, every token kept.
     knobs = (np.array([[k % 2**32 for k in r.key] for r in rows], np.uint32),
-             np.array([r.temperature for r in rows], np.float32), np.array([r.top_k for r in rows], np.int32),
-             np.array([r.top_p for r in rows], np.float32))
+             np.array([min(r.temperature, 3e38) for r in rows], np.float32),
+             np.array([min(r.top_k, 2**31 - 1) for r in rows], np.int32), np.array([r.top_p for r in rows], np.float32))
     return tokens, start, knobs, np.array([r.max_new for r in rows], np.int32), steps
 
 

@@ -27,7 +27,7 @@ from jax import lax
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    n_vocab: int = 50400  # 50257 GPT-2 tokens, padded to a multiple of 8 x 16 for sharding
+    n_vocab: int = 50400  # 50257 GPT-2 tokens, padded so 8 or 16 model-parallel devices split it evenly
     n_ctx: int = 2048
     d_model: int = 4096
     n_layer: int = 28
@@ -41,11 +41,15 @@ class Config:
     def __post_init__(self):
         if self.d_ff == 0:
             object.__setattr__(self, "d_ff", 4 * self.d_model)
-        checks = [
-            (min(self.n_vocab, self.n_ctx, self.d_model, self.n_layer, self.n_head) > 0, "sizes must be positive"),
+        sizes = dict(n_vocab=self.n_vocab, n_ctx=self.n_ctx, d_model=self.d_model, n_layer=self.n_layer,
+                     n_head=self.n_head, d_ff=self.d_ff)
+        bad = [f"{k}={v}" for k, v in sizes.items() if v < 1]
+        if bad:
+            raise ValueError(f"bad GPT-J config: sizes must be positive, got {', '.join(bad)}")
+        checks = [  # safe to divide now
             (self.d_model % self.n_head == 0, f"d_model {self.d_model} not divisible by n_head {self.n_head}"),
-            (self.rotary_dim % 2 == 0 and 0 <= self.rotary_dim <= self.d_model // max(self.n_head, 1),
-             f"rotary_dim {self.rotary_dim} must be even and at most d_head {self.d_model // max(self.n_head, 1)}"),
+            (self.rotary_dim % 2 == 0 and 0 <= self.rotary_dim <= self.d_model // self.n_head,
+             f"rotary_dim {self.rotary_dim} must be even and at most d_head {self.d_model // self.n_head}"),
             (self.dtype in ("float32", "bfloat16", "float16"), f"dtype {self.dtype!r} is not float32/bfloat16/float16"),
         ]
         for ok, msg in checks:
@@ -70,7 +74,9 @@ PRESETS = {
 
 
 def init_params(cfg: Config, key) -> dict:
-    """fp32 params initialised as mesh-transformer-jax did: truncated normal, stddev 1/sqrt(fan_in)."""
+    """fp32 params initialised as mesh-transformer-jax did: normals truncated at 2 stddev and not rescaled
+    (haiku's TruncatedNormal), stddev 1/sqrt(d_model) for q/k/v, fc_in and lm_head, 1/sqrt(n_vocab) for wte,
+    (2 / n_layer) / sqrt(d_model) for the residual-branch outputs out_proj and fc_out."""
     d, f, L, V = cfg.d_model, cfg.d_ff, cfg.n_layer, cfg.n_vocab
     keys = iter(jax.random.split(key, 8))
 
@@ -159,12 +165,11 @@ def block(x, p, cfg: Config, sin, cos, mask, kv=None, index=None, mp=None):
 
 
 def embed(wte, tokens, mp=None):
-    """Look up token rows. With `mp`, wte holds a contiguous slice of vocab rows: each device looks up the ids
-    it owns, zeros elsewhere, and one psum assembles the embeddings (no one-hot matmul)."""
-    if mp is None:
-        return wte[tokens]
+    """Look up token rows; an id outside the table embeds as zeros, on one device as on many (callers check
+    ids). With `mp`, wte holds a contiguous slice of vocab rows: each device looks up the ids it owns, zeros
+    elsewhere, and one psum assembles the embeddings (no one-hot matmul)."""
     rows = wte.shape[0]
-    local = tokens - lax.axis_index(mp) * rows
+    local = tokens if mp is None else tokens - lax.axis_index(mp) * rows
     owned = (local >= 0) & (local < rows)
     return _psum(jnp.where(owned[..., None], wte[jnp.clip(local, 0, rows - 1)], 0), mp)
 
@@ -175,15 +180,21 @@ def forward(params, tokens, cfg: Config, *, start=None, cache=None, mp=None):
     params["h"] is stacked (run with lax.scan) or a list of per-layer dicts (run unrolled; the cache then
     per_layer too).
     start [batch]: number of left-padding tokens per row (default 0); position = slot - start, and padding
-    is never attended to. cache: from init_cache; the tokens are written after cache["length"] slots.
-    With `mp`, logits are this device's vocab slice.
+    is never attended to. Without a cache, seq is at most n_ctx. cache: from init_cache; the tokens are
+    written after cache["length"] slots, which must leave room for them: inside jit that cannot raise, so
+    an overflowing call returns NaN logits rather than silently overwritten keys. With `mp`, logits are this
+    device's vocab slice.
     """
     B, T = tokens.shape
+    n_slots = T if cache is None else jax.tree.leaves(cache["k"])[0].shape[-3]
+    if T > (cfg.n_ctx if cache is None else n_slots):
+        raise ValueError(f"{T} tokens do not fit " + (f"the context of {cfg.n_ctx}" if cache is None else
+                                                      f"a cache of {n_slots} slots"))
     dt = jnp.dtype(cfg.dtype)
     start = jnp.zeros((B,), jnp.int32) if start is None else start
     offset = 0 if cache is None else cache["length"]
     slots = offset + jnp.arange(T)  # [seq]
-    keys = slots if cache is None else jnp.arange(jax.tree.leaves(cache["k"])[0].shape[-3])  # cache slots
+    keys = jnp.arange(n_slots)  # [slots]: with a cache, all its slots
     mask = (keys[None, None, :] <= slots[None, :, None]) & (keys[None, None, :] >= start[:, None, None])
     positions = jnp.clip(slots[None, :] - start[:, None], 0, cfg.n_ctx - 1)  # [batch, seq]
     sin, cos = (jnp.asarray(t)[positions] for t in rotary_table(cfg))
@@ -211,6 +222,7 @@ def forward(params, tokens, cfg: Config, *, start=None, cache=None, mp=None):
     logits = jnp.dot(x, head["weight"].astype(dt), preferred_element_type=jnp.float32) + head["bias"]
     logits = logits.reshape(B, T, -1)
     if cache is not None:
+        logits = jnp.where(offset + T <= n_slots, logits, jnp.nan)
         cache = {"k": kv[0], "v": kv[1], "length": offset + T}
     return logits, cache
 

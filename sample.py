@@ -123,7 +123,7 @@ def _job(server, body: bytes) -> _Job:
     """A completions request checked and turned into rows; ValueError names the first problem."""
     try:
         req = json.loads(body)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise ValueError(f"malformed JSON: {e}") from None
     if not isinstance(req, dict) or "prompt" not in req:
         raise ValueError("the body must be a JSON object with a 'prompt'")
@@ -167,6 +167,10 @@ class Server(ThreadingHTTPServer):
         self.jobs, self.batches = queue.Queue(), []  # batches: rows per generated batch, for logs and tests
         self.worker = threading.Thread(target=self._work, name="model", daemon=True)
         self.loop = threading.Thread(target=self.serve_forever, name="http", daemon=True)
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], ConnectionError):  # a client that hung up is no server error
+            super().handle_error(request, client_address)
 
     def close(self):
         """Stop accepting, finish the requests in flight, then stop the worker."""
@@ -234,7 +238,10 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path != "/v1/completions":
             return self._send(404, {"error": f"no such endpoint: POST {self.path}"})
         try:
-            job = _job(self.server, self.rfile.read(int(self.headers.get("Content-Length") or 0)))
+            length = int(self.headers.get("Content-Length") or 0)
+            if length < 0:
+                raise ValueError(f"Content-Length {length} is negative")
+            job = _job(self.server, self.rfile.read(length))
         except ValueError as e:
             return self._send(400, {"error": str(e)})
         self.server.jobs.put(job)
@@ -316,6 +323,8 @@ def benchmark(params, cfg, batch, max_new, *, mesh=None, prompt=None) -> dict:
     """Compile, warm up, then time prefill and greedy decoding of `batch` rows (EOT ignored, so every row
     decodes max_new tokens), beside the bound of reading every weight once per decoding step. The shapes are
     those decode.complete would give the same rows."""
+    if max_new >= cfg.n_ctx:
+        raise ValueError(f"{max_new} new tokens leave no room for a prompt in the context of {cfg.n_ctx}")
     random_ids = np.random.default_rng(0).integers(0, min(cfg.n_vocab, decode.VOCAB), min(128, cfg.n_ctx - max_new))
     ids = prompt or random_ids.tolist()
     rows = [decode.Row(ids, max_new)] * batch
@@ -408,7 +417,8 @@ def parse_args(argv=None):
     checks = [(args.max_new_tokens >= 1, "--max_new_tokens must be at least 1"),
               (args.temperature >= 0, "--temperature must be >= 0"), (0 < args.top_p <= 1, "--top_p must be in (0, 1]"),
               (args.top_k >= 0, "--top_k must be >= 0"), (args.num_samples >= 1, "--num_samples must be at least 1"),
-              (args.batch_size >= 1, "--batch_size must be at least 1")]
+              (args.batch_size >= 1, "--batch_size must be at least 1"),
+              (0 <= args.port <= 65535, "--port must be in 0..65535")]
     for ok, msg in checks:
         if not ok:
             raise ValueError(msg)
@@ -418,11 +428,14 @@ def parse_args(argv=None):
 def read_prompts(args) -> list:
     prompts = list(args.prompt)
     if args.prompt_file and args.prompt_file.endswith(".jsonl"):
-        prompts += [x["prompt"] if isinstance(x, dict) else x for x in _jsonl(args.prompt_file)]
+        lines = [x.get("prompt") if isinstance(x, dict) else x for x in _jsonl(args.prompt_file)]
+        if not all(isinstance(x, str) for x in lines):
+            raise ValueError(f"{args.prompt_file}: each line must be a string or an object with a string 'prompt'")
+        if not lines:
+            raise ValueError(f"{args.prompt_file}: no prompts in it")
+        prompts += lines
     elif args.prompt_file:
         prompts.append(Path(args.prompt_file).read_text())
-    if not all(isinstance(x, str) for x in prompts):
-        raise ValueError(f"{args.prompt_file}: each line must be a string or an object with a string 'prompt'")
     return prompts
 
 
@@ -477,7 +490,7 @@ def run(args, out=None):
     elif args.lambada:
         print(json.dumps(lambada(params, cfg, texts, enc, **kw)), file=out)
     elif args.benchmark:
-        prompt = enc.encode(args.prompt[0]) if args.prompt else None
+        prompt = decode.prompt_ids(enc, args.prompt[0]) if args.prompt else None
         report = benchmark(params, cfg, args.num_samples, args.max_new_tokens, mesh=mesh, prompt=prompt)
         print(json.dumps(report), file=out)
     elif args.serve:

@@ -391,6 +391,47 @@ def test_cli_bad_input_writes_nothing(tmp_path, original, capsys):
     assert run.returncode == 1 and run.stderr.startswith("error: ") and not (tmp_path / "x").exists()
 
 
+@needs_safetensors
+def test_damaged_metadata_and_unexportable_models(tmp_path, capsys):
+    """Hand-edited or damaged metadata is a one-line error naming the file; nothing is written."""
+    params = random_params(CFG)
+    ckpt.save(tmp_path / "nat", {"params": params}, CFG)
+    ckpt.save_hf(params, CFG, tmp_path / "hf")
+
+    def edit(src, name, change):
+        import shutil
+        dst = tmp_path / f"bad-{len(os.listdir(tmp_path))}"
+        shutil.copytree(tmp_path / src, dst)
+        meta = json.loads((dst / name).read_text())
+        change(meta)
+        (dst / name).write_text(json.dumps(meta))
+        return dst
+
+    cases = [
+        (edit("nat", "meta.json", lambda m: m.pop("config")), "meta.json: no 'config' object"),
+        (edit("nat", "meta.json", lambda m: m["config"].update(n_layer="2")), "meta.json: n_layer is '2', not an int"),
+        (edit("nat", "meta.json", lambda m: m["leaves"]["params.wte"].update(shape="abc")), "'abc' is not a list"),
+        (edit("hf", "config.json", lambda m: m.update(n_layer=None)), "config.json: n_layer is None, not an int"),
+        (edit("hf", "config.json", lambda m: m.update(layer_norm_epsilon="small")), "layer_norm_eps is 'small'"),
+    ]
+    for src, message in cases:
+        assert ckpt.main([str(src), str(tmp_path / "out"), "--to", "hf"]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+        assert not (tmp_path / "out").exists()
+    no_rotary = dataclasses.replace(CFG, rotary_dim=0)
+    ckpt.save(tmp_path / "r0", {"params": params}, no_rotary)
+    assert ckpt.main([str(tmp_path / "r0"), str(tmp_path / "out"), "--to", "hf"]) == 1
+    assert "rotary_dim 0" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    # --force over a file replaces it without leaving the old one beside it; files get the umask's mode.
+    (tmp_path / "file").write_text("hi")
+    assert ckpt.main([str(tmp_path / "nat"), str(tmp_path / "file"), "--to", "hf", "--force"]) == 0
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("file.")]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {oct(os.stat(f).st_mode & 0o777) for f in (tmp_path / "file").iterdir()} == {oct(0o666 & ~umask)}
+
+
 # ---------------------------------------------------------------- opt-in: the real GPT-J-6B
 
 GPTJ_6B_GREEDY = [464, 3290, 318, 257, 582, 338, 1266, 1545, 13, 632, 318, 257, 9112, 15185, 11, 290, 340, 318,

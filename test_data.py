@@ -297,6 +297,11 @@ def test_data_errors(tmp_path):
     (tmp_path / "empty.tokens").write_bytes(b"")
     with pytest.raises(ValueError, match=r"empty data \(0 tokens\)"):
         data.load_tokens(str(tmp_path / "empty.tokens"), cache)
+    (tmp_path / "odd.tokens").write_bytes(b"\x01\x00\x02")
+    (tmp_path / "even.tokens").write_bytes(b"\x01\x00")
+    for spec in ("odd.tokens", "odd.tokens,even.tokens", "even.tokens,odd.tokens"):  # alone or among others
+        with pytest.raises(ValueError, match="odd byte count"):
+            data.load_tokens(",".join(str(tmp_path / f) for f in spec.split(",")), cache)
     (tmp_path / "x.csv").write_text("a,b")
     with pytest.raises(ValueError, match=r"x\.csv. matches no \.txt/\.jsonl/\.tfrecords/\.tokens files"):
         data.load_tokens(str(tmp_path / "x.csv"), cache)

@@ -144,7 +144,9 @@ def test_gptj_6b_preset():
     (dict(rotary_dim=7), "rotary_dim"),
     (dict(rotary_dim=32), "rotary_dim"),
     (dict(dtype="int8"), "dtype"),
-    (dict(n_layer=0), "positive"),
+    (dict(n_layer=0), "positive, got n_layer=0"),
+    (dict(n_head=0), "positive, got n_head=0"),  # before any division by it
+    (dict(d_ff=-8), "positive, got d_ff=-8"),
 ])
 def test_bad_config_names_the_problem(kw, msg):
     with pytest.raises(ValueError, match=msg):
@@ -162,6 +164,25 @@ def test_impossible_splits_are_refused(dp, mp, batch, msg):
         shard.loss_fn(params, jnp.zeros((batch, 5), jnp.int32), CFG, shard.make_mesh(dp, mp))
     with pytest.raises(ValueError, match="does not divide the 8 devices"):
         shard.mesh_for(3)
+
+
+def test_inputs_that_do_not_fit_are_refused_or_poisoned():
+    """Too many tokens for the context or the cache raise; a cache overflow found only at run time gives NaN
+    logits instead of overwriting the newest keys; ids outside the vocabulary embed as zeros, as sharded."""
+    params = jax.tree.map(jnp.asarray, random_params(CFG, 2))
+    with pytest.raises(ValueError, match="17 tokens do not fit the context of 16"):
+        gptj.forward(params, jnp.zeros((1, 17), jnp.int32), CFG)
+    fwd = jax.jit(lambda t, c: gptj.forward(params, t, CFG, cache=c))
+    cache = gptj.init_cache(CFG, 1, 8)
+    with pytest.raises(ValueError, match="9 tokens do not fit a cache of 8 slots"):
+        fwd(jnp.zeros((1, 9), jnp.int32), cache)
+    logits, cache = fwd(jnp.arange(7)[None], cache)
+    logits, cache = fwd(jnp.ones((1, 1), jnp.int32), cache)  # the last free slot
+    assert np.isfinite(logits).all() and int(cache["length"]) == 8
+    logits, _ = fwd(jnp.ones((1, 1), jnp.int32), cache)
+    assert np.isnan(logits).all()
+    rows = gptj.embed(params["wte"], jnp.asarray([-1, CFG.n_vocab, 3]))
+    assert not rows[:2].any() and (rows[2] == params["wte"][3]).all()
 
 
 def test_remat_and_bf16():

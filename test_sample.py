@@ -5,6 +5,7 @@ import json
 import math
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -148,9 +149,12 @@ def test_generate_is_compiled_once_per_shape(layered):
     assert decode.generate._cache_size() == before  # new prompts, settings, limits, eot: no recompile
 
 
-def test_prompt_beyond_the_context_is_refused(layered):
+def test_prompt_beyond_the_context_or_vocabulary_is_refused(layered):
     with pytest.raises(ValueError, match="exceeds the context of 64"):
         decode.complete(layered, CFG, [decode.Row(list(range(60)), 5)])
+    for ids in ([-1, 3], [3, CFG.n_vocab]):
+        with pytest.raises(ValueError, match=r"ids in \[0, 50304\)"):
+            decode.complete(layered, CFG, [decode.Row(ids, 5)])
 
 
 # ---------------------------------------------------------------- sampling filters
@@ -201,6 +205,18 @@ def test_padded_vocabulary_is_never_sampled(vocab, temperature, top_k, top_p, se
 @jax.jit
 def sampled_token(logits, keys, temperature, top_k, top_p, vocab):
     return decode.sample_logits(logits, keys, 3, temperature, top_k, top_p, vocab)
+
+
+def test_extreme_settings_stay_in_the_vocabulary():
+    """An infinite temperature draws uniformly from the real vocabulary (-inf / inf must not become NaN), and
+    a top_k beyond int32 keeps everything."""
+    logits = jnp.where(jnp.arange(24) < 5, jax.random.normal(jax.random.key(0), (4, 24)), 50.0)
+    keys = np.stack([np.arange(4, dtype=np.uint32), np.arange(4, dtype=np.uint32)], 1)
+    for top_p in (1.0, 0.5):
+        tokens = sampled_token(logits, keys, jnp.full(4, jnp.inf), jnp.zeros(4, jnp.int32), jnp.full(4, top_p), 5)
+        assert (np.asarray(tokens) < 5).all()
+    knobs = decode.pack([decode.Row([1], 1, 1.0, 2**40, 1.0)])[2]
+    assert knobs[2][0] == 2**31 - 1
 
 
 def test_sampling_follows_the_filtered_distribution():
@@ -365,6 +381,16 @@ def test_cli_errors_are_one_line(capsys, checkpoint, argv, message):
     assert code == 1 and out == "" and err.count("\n") == 1 and err.startswith("error: ") and message in err
 
 
+def test_cli_bad_prompt_files_and_port(capsys, checkpoint, tmp_path):
+    (tmp_path / "keyless.jsonl").write_text('{"foo": 1}\n')
+    (tmp_path / "empty.jsonl").write_text("\n")
+    for argv, message in [(["--prompt_file", str(tmp_path / "keyless.jsonl")], "string 'prompt'"),
+                          (["--prompt_file", str(tmp_path / "empty.jsonl")], "no prompts"),
+                          (["--serve", "--port", "70000"], "--port must be in 0..65535")]:
+        code, out, err = cli(capsys, "--checkpoint", checkpoint, *argv)
+        assert code == 1 and out == "" and err.count("\n") == 1 and err.startswith("error: ") and message in err
+
+
 def test_cli_without_checkpoint_says_how_to_make_one(capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, _, err = cli(capsys, "--prompt", "x")
@@ -376,6 +402,8 @@ def test_benchmark_reports_speed_and_the_bound(layered):
     assert got["weights_bytes"] == sum(x.nbytes for x in jax.tree.leaves(layered)) - layered["wte"].nbytes
     assert all(got[k] > 0 for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s",
                                     "compile_s", "bandwidth_bytes_per_s", "decode_bound_tokens_per_s"))
+    with pytest.raises(ValueError, match="64 new tokens leave no room for a prompt in the context of 64"):
+        sample.benchmark(layered, CFG, 2, 64)
 
 
 # ---------------------------------------------------------------- server
@@ -468,6 +496,7 @@ def test_stop_strings_n_and_seeds(server, reference):
 
 @pytest.mark.parametrize("body, message", [
     (b"{not json", "malformed JSON"),
+    (b"[" * 100_000, "malformed JSON"),  # too deep for the parser
     ({"max_tokens": 4}, "'prompt'"),
     ({"prompt": 5}, "'prompt'"),
     ({"prompt": []}, "'prompt'"),
@@ -485,6 +514,16 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(server, body, message
     status, got = post(server, body)
     assert status == 400 and message in got["error"]
     assert post(server, {"prompt": "x", "max_tokens": 1})[0] == 200
+
+
+def test_extreme_settings_and_bad_lengths(server):
+    for extreme in ({"top_k": 3_000_000_000}, {"temperature": 1e300}):  # 1e300 is inf in float32
+        status, got = post(server, {"prompt": "x", "max_tokens": 3, "seed": 1, **extreme})
+        assert status == 200 and got["choices"][0]["finish_reason"] in ("stop", "length")
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n")
+        reply = b"".join(iter(lambda: s.recv(4096), b"")).decode()  # HTTP/1.0: read until the server closes
+    assert reply.startswith("HTTP/1.0 400") and "Content-Length -1 is negative" in reply
 
 
 def test_close_finishes_requests_in_flight(layered):

@@ -359,7 +359,7 @@ def train(run: Run, devices=None) -> dict:
     latest = ckpt.latest(run.model_dir)
     if latest:
         meta = ckpt.read_meta(latest)
-        check_compatible(cfg, ckpt.meta_config(meta), f"model_dir {run.model_dir}")
+        check_compatible(cfg, ckpt.meta_config(meta, os.path.join(latest, "meta.json")), f"model_dir {run.model_dir}")
         state = ckpt.load(latest, like=t.shapes, mesh=t.mesh, specs=t.shardings)
         step, position = meta["step"], meta["data_position"]
         print(f"resumed from {latest} (step {step})", file=sys.stderr)
