@@ -176,12 +176,11 @@ def _atomic_dir(dst, force):
     for stale in (tmp, old):  # left by an earlier crashed process with our pid
         _remove(stale)
     os.mkdir(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
+    mode = os.stat(tmp).st_mode & 0o666  # what the umask lets open() give a file; safetensors makes 0600
     try:
         yield tmp
         for name in os.listdir(tmp):
-            os.chmod(os.path.join(tmp, name), 0o666 & ~umask)  # as open() makes them; safetensors makes 0600
+            os.chmod(os.path.join(tmp, name), mode)
             _fsync(os.path.join(tmp, name))
         _fsync(tmp)
     except BaseException:

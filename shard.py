@@ -5,8 +5,8 @@ The mesh has axes ('dp', 'mp'). Batches split over 'dp'. Weights split over 'mp'
     out_proj, fc_out    by input features, so each device's partial outputs need one psum per layer
     wte                 by vocab rows (each device embeds the ids it owns, then psum)
     lm_head             by vocab columns (the loss reduces the vocab slices with pmax/psum)
-LayerNorms and fc_out's bias are replicated. The mesh, the partition specs and the shard_map wrappers live
-here; the other files place arrays with these, never with specs of their own.
+LayerNorms and fc_out's bias are replicated. The mesh, the model's partition specs and the shard_map wrappers
+live here.
 """
 import ctypes
 import os
