@@ -54,25 +54,8 @@ def _flat(tree, is_leaf=None) -> dict:
     return {_path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]}
 
 
-def _nest(flat: dict) -> dict:
-    out = {}
-    for name, x in flat.items():
-        *parents, last = name.split(".")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[last] = x
-    return out
-
-
-def _param_shapes(cfg: gptj.Config) -> dict:
-    """Flat leaf path -> shape of gptj's params pytree, without allocating it."""
-    shapes = jax.eval_shape(lambda: gptj.init_params(cfg, jax.random.key(0)))
-    return {k: tuple(v.shape) for k, v in _flat(shapes).items()}
-
-
 def _shape_tree(sources) -> dict:
-    return _nest({k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype, _) in sources.items()})
+    return gptj.nest({k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype, _) in sources.items()})
 
 
 def _full(shape):
@@ -306,7 +289,7 @@ def load(path, like=None, mesh=None, specs=None, dtype=None):
             raise ValueError(f"no sharding for leaf {missing[0]}" if missing else "PartitionSpecs need a mesh")
         shardings = {n: s if isinstance(s, Sharding) else NamedSharding(mesh, s) for n, s in flat_specs.items()}
     out = [x for name, dt in zip(names, dtypes) for _, x in _leaves({name: sources[name]}, dt, shardings)]
-    return _nest(dict(zip(names, out))) if treedef is None else treedef.unflatten(out)
+    return gptj.nest(dict(zip(names, out))) if treedef is None else treedef.unflatten(out)
 
 
 def _steps(model_dir):
@@ -442,7 +425,7 @@ def _hf_sources(path):
         full = os.path.join(path, f)
         tensors.update(_safetensors_tensors(full) if f.endswith(".safetensors") else _torch_tensors(full))
     sources = {}
-    for leaf, shape in _param_shapes(cfg).items():
+    for leaf, shape in gptj.param_shapes(cfg).items():
         names, transposed = _hf_names(leaf, cfg)
         want = shape[1:] if leaf.startswith("h.") else shape
         want = want[::-1] if transposed else want
@@ -476,7 +459,7 @@ def _save_hf_items(dst, items, cfg: gptj.Config, dtype=None, max_shard_bytes=2 *
     if cfg.rotary_dim == 0:
         raise ValueError("HuggingFace's GPT-J has no rotary_dim 0 (it reads 0 as no setting and fails): this "
                          "model cannot be exported to it; keep it native")
-    shapes = _param_shapes(cfg)
+    shapes = gptj.param_shapes(cfg)
     with _atomic_dir(dst, force) as tmp:
         save_file = _require("safetensors.numpy").save_file
         files, pending, written, dtypes = [], {}, set(), set()
@@ -517,6 +500,8 @@ def _save_hf_items(dst, items, cfg: gptj.Config, dtype=None, max_shard_bytes=2 *
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
         with open(os.path.join(tmp, "config.json"), "w") as f:
+            # Mixed dtypes (bf16 weights beside an fp32 fold) name the widest: transformers loading with
+            # dtype="auto" casts every tensor to it, and float32 holds bfloat16 and float16 exactly.
             json.dump(_hf_json(cfg, dtypes.pop() if len(dtypes) == 1 else "float32"), f, indent=1)
 
 
@@ -625,7 +610,7 @@ def _orig_sources(path, config):
     if shard_dirs != [True, False]:
         raise ValueError(f"{path}: shard folders do not match cores_per_replica={n_shards} in {config}")
     layout = _orig_layout(cfg.n_layer)
-    full_shapes = {**_param_shapes(cfg), "wte_bias": (cfg.d_model,)}
+    full_shapes = {**gptj.param_shapes(cfg), "wte_bias": (cfg.d_model,)}
     shards = []  # per shard: {Haiku name: memmap}
     for s in range(n_shards):
         folder = os.path.join(path, f"shard_{s}")
@@ -649,7 +634,7 @@ def _orig_sources(path, config):
     def combine(name, how, idx):
         return _combine([sh[ORIG + name] for sh in shards], how, idx)
     sources = {}
-    for leaf, shape in _param_shapes(cfg).items():
+    for leaf, shape in gptj.param_shapes(cfg).items():
         if leaf in ORIG_LAYER:
             name, how = ORIG_LAYER[leaf]
             read = _stacked(cfg.n_layer, lambda i, idx, n=name, h=how: combine(f"layer_{i}/~/{n}", h, idx))
@@ -661,6 +646,8 @@ def _orig_sources(path, config):
         if leaf == "wte":  # a linear on one-hot ids: its summed bias is added to every embedding row
             read = lambda idx, dt: (combine(ORIG_TOP["wte"][0], 0, idx).astype(np.float32)
                                     + combine(ORIG_TOP["wte_bias"][0], "sum", idx[1:])).astype(dt)
+        if leaf == "wte" or how == "sum":  # computed from several stored leaves: keep the fp32 of the sum
+            dtype = jnp.dtype(jnp.float32)
         sources[leaf] = (shape, dtype, read)
     return cfg, sources
 
@@ -691,11 +678,11 @@ def _open(path, config=None):
 
 def _check_params(path, cfg, sources) -> dict:
     """The sources of exactly gptj's params, in order, after checking they are all there with the right shapes."""
-    for leaf, shape in _param_shapes(cfg).items():
+    for leaf, shape in gptj.param_shapes(cfg).items():
         if leaf not in sources or sources[leaf][0] != shape:
             got = sources[leaf][0] if leaf in sources else "missing"
             raise ValueError(f"{path}: param {leaf} is {got}, config implies {shape}")
-    return {leaf: sources[leaf] for leaf in _param_shapes(cfg)}
+    return {leaf: sources[leaf] for leaf in gptj.param_shapes(cfg)}
 
 
 def load_weights(path, *, config=None, mesh=None, dtype=None, progress=True):
@@ -709,7 +696,7 @@ def load_weights(path, *, config=None, mesh=None, dtype=None, progress=True):
         shard.check(cfg, mesh)
         specs = _flat(shard.param_specs(_shape_tree(sources)), lambda s: isinstance(s, P))
         shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
-    return _nest(dict(_leaves(sources, dtype, shardings, progress))), cfg
+    return gptj.nest(dict(_leaves(sources, dtype, shardings, progress))), cfg
 
 
 def main(argv=None) -> int:

@@ -5,15 +5,7 @@ Every function runs unsharded by default. Under `jax.shard_map` with the weights
 over a model-parallel mesh axis, pass that axis name as `mp=` and the same code computes its shard and
 all-reduces with explicit `psum`s (see shard.py).
 
-Params (weights are [in, out], so `x @ w`; per-layer params stacked on a leading n_layer axis):
-    wte                     [n_vocab, d_model]
-    h.ln_1.{weight,bias}    [n_layer, d_model]
-    h.{q,k,v}_proj.weight   [n_layer, d_model, n_head * d_head]
-    h.out_proj.weight       [n_layer, n_head * d_head, d_model]
-    h.fc_in.{weight,bias}   [n_layer, d_model, d_ff], [n_layer, d_ff]
-    h.fc_out.{weight,bias}  [n_layer, d_ff, d_model], [n_layer, d_model]
-    ln_f.{weight,bias}      [d_model]
-    lm_head.{weight,bias}   [d_model, n_vocab], [n_vocab]
+The params are a nested dict declared once, in PARAMS below.
 """
 import dataclasses
 import math
@@ -73,32 +65,68 @@ PRESETS = {
 }
 
 
+# Every parameter, declared once: its logical axes and its initialiser. Sizes come from the config (axis_sizes);
+# init_params builds the tree from this, shard.py maps the axes onto the mesh, ckpt.py checks shapes against it.
+# Weights are [in, out], so `x @ w`; per-layer params are stacked on a leading "layers" axis. Initialisers as
+# mesh-transformer-jax's: "ones", "zeros", or a normal truncated at 2 stddev and not rescaled (haiku's
+# TruncatedNormal) with stddev "1/sqrt(d)" (d_model), "1/sqrt(V)" (n_vocab), or "(2/L)/sqrt(d)" for the
+# residual-branch outputs, scaled down by depth.
+PARAMS = {
+    "wte":               (("vocab", "embed"),          "1/sqrt(V)"),
+    "h.ln_1.weight":     (("layers", "embed"),         "ones"),
+    "h.ln_1.bias":       (("layers", "embed"),         "zeros"),
+    "h.q_proj.weight":   (("layers", "embed", "heads"), "1/sqrt(d)"),
+    "h.k_proj.weight":   (("layers", "embed", "heads"), "1/sqrt(d)"),
+    "h.v_proj.weight":   (("layers", "embed", "heads"), "1/sqrt(d)"),
+    "h.out_proj.weight": (("layers", "heads", "embed"), "(2/L)/sqrt(d)"),
+    "h.fc_in.weight":    (("layers", "embed", "mlp"),   "1/sqrt(d)"),
+    "h.fc_in.bias":      (("layers", "mlp"),            "zeros"),
+    "h.fc_out.weight":   (("layers", "mlp", "embed"),   "(2/L)/sqrt(d)"),
+    "h.fc_out.bias":     (("layers", "embed"),          "zeros"),
+    "ln_f.weight":       (("embed",),                   "ones"),
+    "ln_f.bias":         (("embed",),                   "zeros"),
+    "lm_head.weight":    (("embed", "vocab"),           "1/sqrt(d)"),
+    "lm_head.bias":      (("vocab",),                   "zeros"),
+}
+
+
+def axis_sizes(cfg: Config) -> dict:
+    return {"layers": cfg.n_layer, "vocab": cfg.n_vocab, "embed": cfg.d_model, "heads": cfg.n_head * cfg.d_head,
+            "mlp": cfg.d_ff}
+
+
+def param_shapes(cfg: Config) -> dict:
+    """{'h.fc_in.weight': (n_layer, d_model, d_ff), ...}: every leaf's shape, flat, in PARAMS order."""
+    sizes = axis_sizes(cfg)
+    return {name: tuple(sizes[a] for a in axes) for name, (axes, _) in PARAMS.items()}
+
+
+def nest(flat: dict) -> dict:
+    """{'a.b': x} -> {'a': {'b': x}}."""
+    out = {}
+    for name, x in flat.items():
+        *parents, last = name.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = x
+    return out
+
+
 def init_params(cfg: Config, key) -> dict:
-    """fp32 params initialised as mesh-transformer-jax did: normals truncated at 2 stddev and not rescaled
-    (haiku's TruncatedNormal), stddev 1/sqrt(d_model) for q/k/v, fc_in and lm_head, 1/sqrt(n_vocab) for wte,
-    (2 / n_layer) / sqrt(d_model) for the residual-branch outputs out_proj and fc_out."""
-    d, f, L, V = cfg.d_model, cfg.d_ff, cfg.n_layer, cfg.n_vocab
-    keys = iter(jax.random.split(key, 8))
-
-    def normal(shape, std):
-        return std * jax.random.truncated_normal(next(keys), -2.0, 2.0, shape, jnp.float32)
-
-    out_std = (2 / L) / math.sqrt(d)  # the residual-branch outputs are scaled down by depth
-    ln = lambda *s: {"weight": jnp.ones(s + (d,)), "bias": jnp.zeros(s + (d,))}
-    return {
-        "wte": normal((V, d), 1 / math.sqrt(V)),
-        "h": {
-            "ln_1": ln(L),
-            "q_proj": {"weight": normal((L, d, d), 1 / math.sqrt(d))},
-            "k_proj": {"weight": normal((L, d, d), 1 / math.sqrt(d))},
-            "v_proj": {"weight": normal((L, d, d), 1 / math.sqrt(d))},
-            "out_proj": {"weight": normal((L, d, d), out_std)},
-            "fc_in": {"weight": normal((L, d, f), 1 / math.sqrt(d)), "bias": jnp.zeros((L, f))},
-            "fc_out": {"weight": normal((L, f, d), out_std), "bias": jnp.zeros((L, d))},
-        },
-        "ln_f": ln(),
-        "lm_head": {"weight": normal((d, V), 1 / math.sqrt(d)), "bias": jnp.zeros((V,))},
-    }
+    """fp32 params initialised as PARAMS says: the nested dict {'wte': ..., 'h': {'ln_1': ...}, ...}."""
+    d, L, V = cfg.d_model, cfg.n_layer, cfg.n_vocab
+    std = {"1/sqrt(d)": 1 / math.sqrt(d), "1/sqrt(V)": 1 / math.sqrt(V), "(2/L)/sqrt(d)": (2 / L) / math.sqrt(d)}
+    random = [name for name, (_, init) in PARAMS.items() if init in std]
+    keys = dict(zip(random, jax.random.split(key, len(random))))
+    leaves = {}
+    for name, shape in param_shapes(cfg).items():
+        init = PARAMS[name][1]
+        if init in std:
+            leaves[name] = std[init] * jax.random.truncated_normal(keys[name], -2.0, 2.0, shape, jnp.float32)
+        else:
+            leaves[name] = (jnp.ones if init == "ones" else jnp.zeros)(shape, jnp.float32)
+    return nest(leaves)
 
 
 def _psum(x, mp):

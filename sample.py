@@ -337,6 +337,10 @@ def benchmark(params, cfg, batch, max_new, *, mesh=None, prompt=None) -> dict:
     prefill_s = _best_time(lambda: prefill(params, tokens, start, knobs))
     total_s = _best_time(lambda: loop(params, tokens, start, knobs, limit, eot=-1))
     decode_tps = batch * (max_new - 1) / max(total_s - prefill_s, 1e-9)
+    # The path streaming and the server take: one compiled step per token, each token back on the host.
+    stream = lambda: decode.complete(params, cfg, rows, mesh=mesh, on_step=lambda *_: None, eot=-1)
+    stream()  # compiles its prefill and step
+    stream_s = _best_time(stream)
     # Each step reads every weight but the embedding table, of which it gathers only one row per sequence.
     weights = sum(x.nbytes for x in jax.tree.leaves(params)) - params["wte"].nbytes
     bandwidth = memory_bandwidth()
@@ -346,7 +350,9 @@ def benchmark(params, cfg, batch, max_new, *, mesh=None, prompt=None) -> dict:
             "new_tokens": max_new, "compile_s": round(compile_s, 3), "time_to_first_token_s": round(prefill_s, 5),
             "prefill_tokens_per_s": round(batch * len(ids) / prefill_s, 1), "decode_tokens_per_s": round(decode_tps, 1),
             "weights_bytes": weights, "bandwidth_bytes_per_s": round(bandwidth), "decode_bound_tokens_per_s":
-            round(bound, 1), "fraction_of_bound": round(decode_tps / bound, 3)}
+            round(bound, 1), "fraction_of_bound": round(decode_tps / bound, 3),
+            "loop_ms_per_token": round(1e3 * (total_s - prefill_s) / (max_new - 1), 3),
+            "stream_ms_per_token": round(1e3 * (stream_s - prefill_s) / (max_new - 1), 3)}
 
 
 # ---------------------------------------------------------------- command line
@@ -534,4 +540,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    shard.keep_freed_host_memory()  # before JAX starts its threads: the stepwise path allocates per token
     sys.exit(main())

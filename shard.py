@@ -85,25 +85,22 @@ def check(cfg: gptj.Config, mesh: Mesh, batch: int | None = None):
         raise ValueError(f"batch size {batch} is not divisible by dp={dp}: use a multiple of {dp}")
 
 
+# gptj.PARAMS's logical axes that are split over 'mp'; every other axis is whole on each device.
+MP_AXES = ("vocab", "heads", "mlp")
+
+
 def param_specs(params=None) -> dict:
-    """PartitionSpecs for a params pytree: stacked layers have a leading unsplit layer axis; per-layer
-    params (decode.unstack) get a list of specs without it."""
-    split_out, split_in = P(None, MP), P(MP, None)  # a layer's [in, out] weights, split by outputs or inputs
-    layer = {
-        "ln_1": {"weight": P(), "bias": P()},
-        "q_proj": {"weight": split_out}, "k_proj": {"weight": split_out}, "v_proj": {"weight": split_out},
-        "out_proj": {"weight": split_in},
-        "fc_in": {"weight": split_out, "bias": P(MP)},
-        "fc_out": {"weight": split_in, "bias": P()},
-    }
+    """PartitionSpecs for a params pytree, from gptj.PARAMS's logical axes: stacked layers keep their leading
+    layer axis whole; per-layer params (decode.unstack) get a list of specs without it."""
     per_layer = params is not None and isinstance(params["h"], list)
-    stacked = jax.tree.map(lambda s: P(None, *s) if s else s, layer, is_leaf=lambda x: isinstance(x, P))
-    return {
-        "wte": P(MP, None),
-        "h": [layer] * len(params["h"]) if per_layer else stacked,
-        "ln_f": {"weight": P(), "bias": P()},
-        "lm_head": {"weight": P(None, MP), "bias": P(MP)},
-    }
+    specs = {}
+    for name, (axes, _) in gptj.PARAMS.items():
+        axes = axes[1:] if per_layer and axes[0] == "layers" else axes
+        specs[name] = P(*(MP if a in MP_AXES else None for a in axes))
+    tree = gptj.nest(specs)
+    if per_layer:
+        tree["h"] = [tree["h"]] * len(params["h"])
+    return tree
 
 
 def cache_specs(cache) -> dict:

@@ -257,10 +257,13 @@ def write_original(folder, params, cfg, full=False, shards=8, seed=0):
         put(module, "scale", [ln["weight"] * (1 + (s > 0)) for s in range(shards)])
 
     expected = cast(params, store)
+    # Leaves computed from several stored ones keep the float32 of the computation: the embedding with its
+    # folded bias, and the summed partial biases.
+    expected["h"]["fc_out"]["bias"] = np.zeros((cfg.n_layer, cfg.d_model), np.float32)
     emb_bias, emb_total = partial_sums(cfg.d_model)
     put("embedding_shard/~/linear", "w", split(params["wte"], 0))
     put("embedding_shard/~/linear", "b", emb_bias)
-    expected["wte"] = (rounded(params["wte"]).astype(np.float32) + emb_total).astype(store)
+    expected["wte"] = rounded(params["wte"]).astype(np.float32) + emb_total
     for i in range(cfg.n_layer):
         h = jax.tree.map(lambda x: x[i], params["h"])
         m = f"layer_{i}/~/"
@@ -308,6 +311,30 @@ def test_original_reader(tmp_path, variant, mesh_shape):
         forward = jax.jit(lambda p, t: gptj.forward(p, t, cfg)[0])
         tokens = np.arange(20, dtype=np.int32).reshape(2, 10)
         np.testing.assert_array_equal(forward(loaded, tokens), forward(expected, tokens))
+
+
+@needs_safetensors
+def test_original_to_native_to_hf_keeps_the_exact_fold(tmp_path):
+    """The slim bf16 checkpoint converted with no --dtype: the folded embedding and summed biases stay the
+    exact float32 sums through native and HF, and transformers loading with dtype="auto" keeps them so."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    expected = write_original(tmp_path / "orig", random_params(ORIG_CFG, seed=3), ORIG_CFG)
+    assert expected["wte"].dtype == np.float32 and not np.array_equal(expected["wte"], cast(expected["wte"], BF16))
+    config = config_file(tmp_path)
+    assert ckpt.main([str(tmp_path / "orig"), str(tmp_path / "native"), "--to", "native", "--config", config]) == 0
+    leaves = ckpt.read_meta(tmp_path / "native")["leaves"]
+    assert leaves["params.wte"]["dtype"] == "float32" and leaves["params.h.fc_out.bias"]["dtype"] == "float32"
+    assert leaves["params.h.q_proj.weight"]["dtype"] == "bfloat16"  # copied as stored
+    assert ckpt.main([str(tmp_path / "native"), str(tmp_path / "hf"), "--to", "hf"]) == 0
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["dtype"] == "float32"  # the widest held
+    model = transformers.GPTJForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype="auto")
+    state = {k: v.float().numpy() for k, v in model.state_dict().items()}
+    np.testing.assert_array_equal(state["transformer.wte.weight"], expected["wte"])
+    for i in range(ORIG_CFG.n_layer):
+        np.testing.assert_array_equal(state[f"transformer.h.{i}.mlp.fc_out.bias"], expected["h"]["fc_out"]["bias"][i])
+    np.testing.assert_array_equal(state["transformer.h.0.attn.q_proj.weight"],
+                                  expected["h"]["q_proj"]["weight"][0].astype(np.float32).T)
 
 
 # ---------------------------------------------------------------- bad input

@@ -21,11 +21,18 @@ MESHES = [(dp, mp) for dp in range(1, 9) for mp in range(1, 9) if dp * mp <= 8]
 
 
 def random_params(cfg, seed, scale=0.5):
-    """Every parameter random, LayerNorms and biases included, so that a misplaced bias or norm shows."""
-    leaves, tree = jax.tree.flatten(gptj.init_params(cfg, jax.random.PRNGKey(seed)))
+    """Every parameter random, LayerNorms and biases included, so that a misplaced bias or norm shows: the
+    initialisation plus noise, drawn with numpy (fast: the properties draw a set per example)."""
     rng = np.random.default_rng(seed)
-    leaves = [np.asarray(x) + rng.normal(0, scale / math.sqrt(x.shape[-1]), x.shape).astype(np.float32) for x in leaves]
-    return jax.tree.unflatten(tree, leaves)
+    std = {"1/sqrt(d)": cfg.d_model ** -0.5, "1/sqrt(V)": cfg.n_vocab ** -0.5,
+           "(2/L)/sqrt(d)": 2 / cfg.n_layer * cfg.d_model ** -0.5, "ones": 0.0, "zeros": 0.0}
+    leaves = {}
+    for name, shape in gptj.param_shapes(cfg).items():
+        init = gptj.PARAMS[name][1]
+        noise = scale / math.sqrt(shape[-1])
+        x = (init == "ones") + std[init] * rng.standard_normal(shape) + noise * rng.standard_normal(shape)
+        leaves[name] = x.astype(np.float32)
+    return gptj.nest(leaves)
 
 
 # ---------------------------------------------------------------- float64 numpy reference, written from the paper trail
@@ -198,21 +205,25 @@ def test_remat_and_bf16():
 
 
 # ---------------------------------------------------------------- sharded == unsharded
-# Hypothesis tries the simplest example first (the first of each sampled_from list), and in CI that is the only one
-# (conftest.py). So each list starts with the demanding case: two heads per device, a partial rotary, two layers...
-def mesh_config(draw, mp):
-    """A random small config whose heads, d_ff and vocab divide evenly over mp."""
-    heads_per = draw(st.sampled_from([2, 1]))
-    d_head = draw(st.sampled_from([8, 4]))
-    n_head = mp * heads_per
-    return gptj.Config(
-        n_vocab=mp * draw(st.integers(4, 12)), n_ctx=16, d_model=n_head * d_head, n_head=n_head,
-        n_layer=draw(st.sampled_from([2, 1, 3])),
-        rotary_dim=draw(st.sampled_from([r for r in (4, 2, 8, 0) if r <= d_head])),
-        d_ff=mp * draw(st.integers(2, 8)))
+# The cost of these properties is compilation, not examples: each (mesh, shape) compiles once, on first use, and
+# every drawn example reuses the programs with new values: weights, token ids (boundary and out-of-range ids too),
+# masks, z-loss, padding. The shapes per mesh are the demanding case: two heads per device, a partial rotary with
+# pass-through dims, two layers, per-device vocabulary and d_ff slices of odd sizes (7 and 5).
+def mesh_config(mp):
+    return gptj.Config(n_vocab=7 * mp, n_ctx=16, d_model=2 * mp * 8, n_head=2 * mp, n_layer=2, rotary_dim=4,
+                       d_ff=5 * mp)
 
 
-@partial(jax.jit, static_argnums=(3, 4))
+def token_ids(draw, cfg, shape, rng):
+    """Random ids with hypothesis-chosen boundary and out-of-range ones (embedded as zeros, sharded or not)."""
+    tokens = rng.integers(0, cfg.n_vocab, shape)
+    special = st.sampled_from([0, cfg.n_vocab - 1, cfg.n_vocab, -1, 2**31 - 1, cfg.n_vocab // 2])
+    for pos, value in draw(st.lists(st.tuples(st.integers(0, tokens.size - 1), special), max_size=4)):
+        tokens.flat[pos] = value
+    return tokens
+
+
+@partial(jax.jit, static_argnums=3)
 def unsharded(params, tokens, mask, cfg, z):
     """Loss, gradients and logits of the plain single-device model, in one compile."""
     (loss, logits), grads = jax.value_and_grad(
@@ -220,7 +231,7 @@ def unsharded(params, tokens, mask, cfg, z):
     return loss, grads, logits
 
 
-@partial(jax.jit, static_argnums=(3, 4, 5))
+@partial(jax.jit, static_argnums=(3, 5))
 def sharded(params, tokens, mask, cfg, z, mesh):
     (loss, logits), grads = jax.value_and_grad(
         lambda p: (shard.loss_fn(p, tokens, cfg, mesh, mask, z), shard.forward(p, tokens[:, :-1], cfg, mesh)[0]),
@@ -231,21 +242,33 @@ def sharded(params, tokens, mask, cfg, z, mesh):
 @pytest.mark.parametrize("dp, mp", MESHES)
 @given(data=st.data())
 def test_sharded_loss_grads_and_logits_equal_unsharded(dp, mp, data):
-    cfg = mesh_config(data.draw, mp)
-    seed = data.draw(st.integers(0, 2**16))
+    cfg, mesh = mesh_config(mp), shard.make_mesh(dp, mp)
+    seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
     rng = np.random.default_rng(seed)
-    B, T = dp * data.draw(st.sampled_from([2, 1])), data.draw(st.sampled_from([7, 2, 9]))
-    params = random_params(cfg, seed)
-    tokens = jnp.asarray(rng.integers(0, cfg.n_vocab, (B, T + 1)))
-    mask = jnp.asarray(rng.random((B, T)) < 0.8, jnp.float32).at[0, 0].set(1.0)
-    z = data.draw(st.sampled_from([1e-4, 0.0]))
+    B, T = 2 * dp, 7
+    params = random_params(cfg, seed, scale=data.draw(st.sampled_from([0.5, 2.0]), label="scale"))
+    tokens = jnp.asarray(token_ids(data.draw, cfg, (B, T + 1), rng), jnp.int32)
+    keep = data.draw(st.floats(0.0, 1.0), label="fraction of targets kept")
+    mask = jnp.asarray(rng.random((B, T)) < keep, jnp.float32).at[0, 0].set(1.0)
+    z = jnp.float32(data.draw(st.sampled_from([1e-4, 0.0, 1e-2]), label="z_loss"))
 
     want = unsharded(params, tokens, mask, cfg, z)
-    mesh = shard.make_mesh(dp, mp)
     got = sharded(shard.place_params(params, mesh), tokens, mask, cfg, z, mesh)
     assert close(got[0], want[0]) and close(got[2], want[2])
     for (path, g), w in zip(jax.tree_util.tree_leaves_with_path(got[1]), jax.tree.leaves(want[1])):
         assert close(g, w), f"gradient of {jax.tree_util.keystr(path)} differs"
+
+
+@partial(jax.jit, static_argnums=(4, 5))
+def cached_forward(params, tokens, start, cache, cfg, mesh):
+    if mesh is None:
+        return gptj.forward(params, tokens, cfg, start=start, cache=cache)
+    return shard.forward(params, tokens, cfg, mesh, start, cache)
+
+
+@partial(jax.jit, static_argnums=1)
+def full_logits(params, cfg, tokens):
+    return gptj.forward(params, tokens, cfg)[0]
 
 
 @pytest.mark.parametrize("dp, mp, per_layer", [(1, 1, False), (1, 1, True), (2, 2, False), (2, 2, True),
@@ -254,31 +277,30 @@ def test_sharded_loss_grads_and_logits_equal_unsharded(dp, mp, data):
 def test_kv_cache_decoding_equals_full_forward(dp, mp, per_layer, data):
     """Prefill a left-padded batch, decode one token per step: every slot's logits equal those of the row
     alone, unpadded, through the plain full forward."""
-    cfg = mesh_config(data.draw, mp)
-    rng = np.random.default_rng(data.draw(st.integers(0, 2**16)))
-    B, T, prefill = 2 * dp, 8, data.draw(st.integers(3, 7))
-    params = random_params(cfg, int(rng.integers(1000)))
-    start = rng.integers(0, 4, B).astype(np.int32)
-    start[0] = 0
-    tokens = rng.integers(0, cfg.n_vocab, (B, T))
+    cfg = mesh_config(mp)
+    seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
+    rng = np.random.default_rng(seed)
+    B, T, prefill = 2 * dp, 8, data.draw(st.sampled_from([4, 6]), label="prefill length")  # two compiled shapes
+    params = random_params(cfg, seed)
+    start = np.asarray(data.draw(st.lists(st.integers(0, prefill - 1), min_size=B, max_size=B), label="padding"),
+                       np.int32)
+    tokens = token_ids(data.draw, cfg, (B, T), rng)
     # per_layer: weights and cache as lists of layers, the unrolled path that decoding uses
     placed = dict(params, h=[jax.tree.map(lambda x: x[i], params["h"]) for i in range(cfg.n_layer)]) \
         if per_layer else params
-    if dp * mp == 1:
-        fwd = jax.jit(lambda p, t, s, c: gptj.forward(p, t, cfg, start=s, cache=c))
-    else:
-        mesh = shard.make_mesh(dp, mp)
-        fwd = jax.jit(lambda p, t, s, c: shard.forward(p, t, cfg, mesh, s, c))
+    mesh = None if dp * mp == 1 else shard.make_mesh(dp, mp)
+    if mesh is not None:
         placed = shard.place(placed, mesh, shard.param_specs(placed))
     cache = gptj.init_cache(cfg, B, cfg.n_ctx, per_layer=per_layer)
     outs = []
     for lo, hi in [(0, prefill)] + [(t, t + 1) for t in range(prefill, T)]:
-        out, cache = fwd(placed, jnp.asarray(tokens[:, lo:hi]), jnp.asarray(start), cache)
+        out, cache = cached_forward(placed, jnp.asarray(tokens[:, lo:hi], jnp.int32), jnp.asarray(start), cache,
+                                    cfg, mesh)
         outs.append(out)
     got = np.asarray(jnp.concatenate(outs, axis=1))
     # Row b's own tokens moved to the front (the causal mask makes what follows them irrelevant).
     unpadded = np.stack([np.roll(tokens[b], -start[b]) for b in range(B)])
-    want = np.asarray(gptj.forward(params, jnp.asarray(unpadded), cfg)[0])
+    want = np.asarray(full_logits(params, cfg, jnp.asarray(unpadded, jnp.int32)))
     for b in range(B):
         assert close(got[b, start[b]:], want[b, : T - start[b]]), f"row {b} (start {start[b]}) differs"
 

@@ -401,7 +401,8 @@ def test_benchmark_reports_speed_and_the_bound(layered):
     got = sample.benchmark(layered, CFG, 2, 8)
     assert got["weights_bytes"] == sum(x.nbytes for x in jax.tree.leaves(layered)) - layered["wte"].nbytes
     assert all(got[k] > 0 for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s",
-                                    "compile_s", "bandwidth_bytes_per_s", "decode_bound_tokens_per_s"))
+                                    "compile_s", "bandwidth_bytes_per_s", "decode_bound_tokens_per_s",
+                                    "loop_ms_per_token", "stream_ms_per_token"))
     with pytest.raises(ValueError, match="64 new tokens leave no room for a prompt in the context of 64"):
         sample.benchmark(layered, CFG, 2, 64)
 

@@ -1,9 +1,12 @@
 """train.py: schedule, weight decay, sharded = unsharded steps (ZeRO included), exact resume, faults, bad input."""
 import dataclasses
+import functools
+import glob
 import json
 import math
 import os
 import signal
+import struct
 import subprocess
 import sys
 
@@ -64,21 +67,30 @@ def test_weight_decay_only_on_matrices():
         f"['h']['{n}']['weight']" for n in ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out")])
 
 
-@pytest.mark.parametrize("dp, mp", [(2, 2), (4, 2), (2, 4), (8, 1)])
-@given(seed=st.integers(0, 2**16), acc=st.sampled_from([2, 1]))  # the first example, CI's only one: acc 2
-def test_sharded_zero_step_equals_unsharded(dp, mp, seed, acc):
-    """Two optimizer steps on a (dp, mp) mesh, optimizer state split over dp too, equal plain single-device steps."""
+@functools.cache
+def zero_programs(dp, mp):
+    """The sharded Trainer and the plain single-device step for a mesh, compiled once for every example."""
     run = train.Run(**{**train.KEYS, **TINY, "n_vocab": 64, "cores_per_replica": mp, "per_replica_batch": 8 // dp,
-                       "gradient_accumulation_steps": acc, "weight_decay": 0.1})
+                       "gradient_accumulation_steps": 2, "weight_decay": 0.1})
     t = train.Trainer(run, jax.devices()[: dp * mp])
+    return run, t, jax.jit(train.make_step(run, t.cfg, None)[1]), jax.jit(t.init_state)
+
+
+@pytest.mark.parametrize("dp, mp", [(2, 2), (4, 2), (2, 4), (8, 1)])
+@given(seed=st.integers(0, 2**32 - 1), ids=st.sampled_from(["random", "boundary", "repeated"]))
+def test_sharded_zero_step_equals_unsharded(dp, mp, seed, ids):
+    """Two optimizer steps of two accumulated micro-batches on a (dp, mp) mesh, optimizer state split over dp
+    too, equal plain single-device steps."""
+    run, t, step, init = zero_programs(dp, mp)
     mu = t.shardings["opt_state"][1].mu
     assert shard.DP in mu["h"]["fc_in"]["weight"].spec and shard.DP in mu["wte"].spec  # ZeRO-1: split over dp
-    cfg = t.cfg
-    _, step = train.make_step(run, cfg, None)
-    step = jax.jit(step)
-    state = t.init_state(jax.random.PRNGKey(seed))
+    state = init(jax.random.PRNGKey(seed))
     rng = np.random.default_rng(seed)
-    batches = [rng.integers(0, 64, (acc, 8, run.seq + 1)).astype(np.int32) for _ in range(2)]
+    shape = (2, 8, run.seq + 1)
+    batches = [{"random": lambda: rng.integers(0, 64, shape),
+                "boundary": lambda: rng.choice([0, 1, 62, 63], shape),  # the ends of each device's vocab slice
+                "repeated": lambda: np.broadcast_to(rng.integers(0, 64, shape[2:]), shape)}[ids]().astype(np.int32)
+               for _ in range(2)]
     sharded = jax.device_put(state, t.shardings)
     for b in batches:
         state, want = step(state, b)
@@ -141,7 +153,16 @@ def test_stop_by_signal_and_resume_is_bit_identical(tmp_path, corpus, monkeypatc
     assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(opt_a), jax.tree.leaves(opt_b)))
 
 
-def test_a_second_interrupt_is_not_caught(tmp_path, corpus, monkeypatch):
+@pytest.fixture
+def python_sigint():
+    """Python's own Ctrl-C handler during the test, whatever the process inherited: a background job of a
+    non-interactive shell starts with SIGINT ignored, and train.py rightly restores what it found."""
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, inherited)
+
+
+def test_a_second_interrupt_is_not_caught(tmp_path, corpus, monkeypatch, python_sigint):
     run = make_run(tmp_path, corpus)
     real = data.batch_at
     def batch_at(tokens, position, n, seq, seed):
@@ -154,6 +175,58 @@ def test_a_second_interrupt_is_not_caught(tmp_path, corpus, monkeypatch):
         train.train(run, ONE)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     assert os.path.basename(ckpt.latest(run.model_dir)) == "step_00000002"  # what was saved stays
+
+
+def wandb_records(path):
+    """The records of a W&B transaction log (run-ID.wandb): a header, then LevelDB's log format (32 KiB blocks
+    of chunks: crc32c, length, kind) holding wandb's protobuf Records."""
+    from wandb.proto import wandb_internal_pb2
+    buf = open(path, "rb").read()
+    assert buf[:4] == b":W&B", path
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(buf):
+        if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
+            pos += block - pos % block
+            continue
+        _, n, kind = struct.unpack("<IHB", buf[pos:pos + 7])
+        pending, pos = pending + buf[pos + 7:pos + 7 + n], pos + 7 + n
+        if kind in (1, 4):  # a whole record, or a record's last chunk
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            yield record
+
+
+def test_wandb_logs_every_record_and_a_resumed_run_continues_it(tmp_path, corpus, monkeypatch, capsys):
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the real wandb package, writing its run files locally
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    run = make_run(tmp_path, corpus, wandb_project="gptj-tests", name="tiny-run", total_steps=2)
+    train.train(run, ONE)
+    train.train(dataclasses.replace(run, total_steps=3), ONE)  # resumes at step 2
+    logged = [json.loads(line) for line in open(os.path.join(run.model_dir, "metrics.jsonl"))]
+    assert [r["step"] for r in logged] == [1, 2, 3]
+    runs = sorted(glob.glob(os.path.join(run.model_dir, "wandb", "offline-run-*", "run-*.wandb")))
+    assert len(runs) == 2
+    seen, ids = [], set()
+    for path in runs:
+        for r in wandb_records(path):
+            kind = r.WhichOneof("record_type")
+            if kind == "run":
+                ids.add(r.run.run_id)
+                assert (r.run.project, r.run.display_name) == ("gptj-tests", "tiny-run")
+            elif kind == "history":
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+                seen.append({"step": items["_step"]} | {k: v for k, v in items.items() if not k.startswith("_")})
+    assert len(ids) == 1 and open(os.path.join(run.model_dir, "wandb_id")).read().strip() in ids  # one W&B run
+    assert seen == logged  # every record, with the training step as W&B's step, val_loss included
+
+    # Without wandb installed: one line says so, and training goes on.
+    monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
+    capsys.readouterr()
+    train.train(dataclasses.replace(run, total_steps=4), ONE)
+    assert "wandb is not installed (pip install wandb)" in capsys.readouterr().err
+    assert len(open(os.path.join(run.model_dir, "metrics.jsonl")).readlines()) == 4
 
 
 def test_restore_onto_another_mesh_and_init_from(tmp_path, corpus, capsys):
@@ -259,6 +332,35 @@ def test_original_config_loads_as_it_is(capsys):
     assert train.load_config("configs/6B_v3-8.json", {"lr": 1e-5}).lr == 1e-5
     # The original's example_config.json turns validation off so:
     assert train.load_config("configs/6B_roto_256.json", {"val_batches": 0, "val_set": {}}).val_batches == 0
+
+
+def test_defaults_give_way_to_what_the_user_set(tmp_path, capsys):
+    fit = lambda **kw: train.load_config(None, kw)
+    # The final sample shortens to the context (its prompt is one <|endoftext|>) ...
+    run = fit(layers=2, d_model=64, n_heads=4, pe_rotary_dims=8, seq=64, per_replica_batch=4)
+    assert run.sample_tokens == 63 and "sample_tokens 100 -> 63" in capsys.readouterr().err
+    # ... and is skipped, with a note, for a vocabulary that is not GPT-2's.
+    assert fit(n_vocab=1024).sample_tokens == 0 and "no final sample: n_vocab=1024" in capsys.readouterr().err
+    assert fit(d_model=64, n_heads=8).pe_rotary_dims == 8  # the default 32 is above d_head 8
+    assert fit(d_model=36, n_heads=4).pe_rotary_dims == 8  # d_head 9: rotary pairs need an even count
+    assert fit(n_ctx=64).seq == 64  # the default seq 128 is above n_ctx
+    # What the user set is kept, so that train() can refuse it; so are a named config file's values.
+    assert fit(sample_tokens=100, seq=64).sample_tokens == 100
+    assert fit(pe_rotary_dims=32, d_model=64, n_heads=8).pe_rotary_dims == 32
+    (tmp_path / "c.json").write_text(json.dumps({"seq": 64, "sample_tokens": 100}))
+    assert train.load_config(str(tmp_path / "c.json")).sample_tokens == 100
+    assert train.load_config("configs/shakespeare.json", {"d_model": 64, "n_heads": 8}).pe_rotary_dims == 32
+    assert fit().sample_tokens == 100 and fit(val_batches=0).val_batches == 0  # nothing to fit: unchanged
+
+
+def test_the_issue_command_trains_and_samples(tmp_path, corpus, capsys):
+    """A small valid config trains to the end and prints its (shortened) sample with every other key default."""
+    flags = ["--layers", "2", "--d_model", "64", "--n_heads", "4", "--pe_rotary_dims", "8", "--seq", "64",
+             "--per_replica_batch", "4", "--total_steps", "2", "--model_dir", str(tmp_path / "run"),
+             "--train_set", str(corpus / "train.tokens"), "--val_set", str(corpus / "val.tokens")]
+    assert train.main(flags) == 0
+    out = capsys.readouterr()
+    assert "sample:" in out.out and "sample_tokens 100 -> 63" in out.err
 
 
 def test_val_set_object_maps_names_to_specs(tmp_path):

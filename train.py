@@ -10,6 +10,7 @@ import dataclasses
 import json
 import math
 import os
+import secrets
 import signal
 import sys
 import time
@@ -36,12 +37,13 @@ KEYS = dict(
     warmup_steps=20, anneal_steps=540, lr=3e-3, end_lr=3e-4, weight_decay=0.1, total_steps=560,
     val_every=100, val_batches=10, ckpt_every=100, keep_every=0, tpu_size=0,
     model_dir="runs/shakespeare", train_set="shakespeare:train", val_set="shakespeare:val", name="shakespeare",
+    wandb_project="",
     # New keys (see the README):
     n_ctx=0, d_ff=0, dtype="auto", remat=False, z_loss=1e-4, seed=0, log_every=10, keep_last=3,
     init_from="", sample_tokens=100, grad_acc_dtype="float32",
 )
 # Original keys that only made sense on Google Cloud; accepted and reported as ignored.
-IGNORED = {"bucket", "eval_harness_tasks", "wandb_project", "comment", "tokens_per_step"}
+IGNORED = {"bucket", "eval_harness_tasks", "comment", "tokens_per_step"}
 # Ranges and choices that the types alone do not enforce.
 AT_LEAST_1 = ("layers", "d_model", "n_heads", "n_vocab", "seq", "cores_per_replica", "per_replica_batch",
               "gradient_accumulation_steps", "log_every", "keep_last")
@@ -107,7 +109,8 @@ def _parse_flag(key, text):
 
 
 def load_config(path=None, overrides=()) -> Run:
-    """Defaults <- the JSON file <- command-line `--key value` pairs. Unknown keys are an error."""
+    """Defaults <- the JSON file <- command-line `--key value` pairs. Unknown keys are an error; defaults that
+    clash with what the user set are fitted to it (fit_defaults)."""
     path = path or DEFAULT_CONFIG
     raw = ckpt.read_json(path)
     unknown = sorted(set(raw) - set(KEYS) - IGNORED)
@@ -125,7 +128,31 @@ def load_config(path=None, overrides=()) -> Run:
             raise ConfigError(f"{key}={value}: must be at least {low}")
         if key in CHOICES and value not in CHOICES[key]:
             raise ConfigError(f"{key}={value!r}: must be one of {', '.join(CHOICES[key])}")
-    return run
+    # What the user set: flags, and the keys of a config file they named (the default file is defaults too).
+    return fit_defaults(run, set(overrides) | (set(values) if path != DEFAULT_CONFIG else set()))
+
+
+def fit_defaults(run: Run, explicit: set) -> Run:
+    """Defaults give way to what the user set: a default never makes a valid run fail. Only a value the user
+    set can clash with another into an error."""
+    fit, notes = {}, []
+    n_ctx = run.n_ctx or run.seq
+    if "seq" not in explicit and run.n_ctx and run.seq > run.n_ctx:
+        fit["seq"] = n_ctx = run.n_ctx
+    d_head = run.d_model // run.n_heads
+    if "pe_rotary_dims" not in explicit and run.pe_rotary_dims > d_head:
+        fit["pe_rotary_dims"] = d_head - d_head % 2  # rotary pairs need an even count
+    if "sample_tokens" not in explicit and run.sample_tokens:
+        if run.n_vocab <= data.EOT:
+            fit["sample_tokens"] = 0
+            notes.append(f"no final sample: n_vocab={run.n_vocab} is not GPT-2's vocabulary")
+        elif run.sample_tokens + 1 > n_ctx:  # the sample's prompt is one <|endoftext|>
+            fit["sample_tokens"] = n_ctx - 1
+    notes += [f"{k} {getattr(run, k)} -> {v} to fit the other settings" for k, v in fit.items()
+              if not (k == "sample_tokens" and v == 0)]
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return dataclasses.replace(run, **fit)
 
 
 # ---------------------------------------------------------------- optimisation
@@ -296,7 +323,7 @@ def speed_record(cfg: gptj.Config, seq: int, tokens_per_step: int, step_s: float
     """The --benchmark line; peak is the FLOP/s of all the devices together."""
     mfu = flops_per_token(cfg, seq) * tokens_per_step / step_s / peak
     return {"tokens_per_s": round(tokens_per_step / step_s, 1), "step_s": round(step_s, 4), "mfu": round(mfu, 4),
-            "compile_s": round(compile_s, 2), "peak_flops": round(peak / 1e9, 1) * 1e9, "devices": devices}
+            "compile_s": round(compile_s, 2), "peak_flops": round(peak, -8), "devices": devices}
 
 
 def benchmark(run: Run, steps: int = 5) -> dict:
@@ -309,7 +336,8 @@ def benchmark(run: Run, steps: int = 5) -> dict:
                                         dtype=np.int32), t.batch_sharding)
     compile_s, step_s = time_steps(t.step, t.fresh_state(), batch, steps)
     peak = max(peak, matmul_peak(t.device, t.cfg.dtype)) * t.mesh.size
-    return speed_record(t.cfg, run.seq, t.tokens_per_step(), step_s, compile_s, peak, t.mesh.size)
+    record = speed_record(t.cfg, run.seq, t.tokens_per_step(), step_s, compile_s, peak, t.mesh.size)
+    return {**record, "device": t.device.device_kind, "dtype": t.cfg.dtype, "params": t.cfg.n_params()}
 
 
 # ---------------------------------------------------------------- the loop
@@ -323,9 +351,41 @@ def check_compatible(cfg: gptj.Config, other: gptj.Config, where: str):
                           f"use another model_dir/init_from, or the config that matches it")
 
 
-def log(path, record):
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+class MetricsLog:
+    """Where each metrics record goes besides the terminal: <model_dir>/metrics.jsonl, and a Weights & Biases run
+    when wandb_project is set and wandb is installed (only process 0 logs). The W&B run's id is kept in
+    <model_dir>/wandb_id, so that a resumed training run continues the same W&B run."""
+
+    def __init__(self, run: Run):
+        self.path, self.wandb = os.path.join(run.model_dir, "metrics.jsonl"), None
+        if not run.wandb_project or jax.process_index() != 0:
+            return
+        try:
+            import wandb
+        except ImportError:
+            print(f"note: wandb_project={run.wandb_project!r} but wandb is not installed (pip install wandb): "
+                  "logging to metrics.jsonl only", file=sys.stderr)
+            return
+        id_file = os.path.join(run.model_dir, "wandb_id")
+        run_id = open(id_file).read().strip() if os.path.exists(id_file) else secrets.token_hex(6)
+        try:
+            self.wandb = wandb.init(project=run.wandb_project, name=run.name, id=run_id, resume="allow",
+                                    config=dataclasses.asdict(run),
+                                    dir=None if os.environ.get("WANDB_DIR") else run.model_dir)
+        except Exception as e:  # wandb's own errors (no login, no network) have no common base class
+            raise ConfigError(f"wandb could not start a run ({e}): `wandb login`, or WANDB_MODE=offline") from None
+        with open(id_file, "w") as f:
+            f.write(run_id + "\n")
+
+    def write(self, record: dict):
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self, failed: bool):
+        if self.wandb is not None:
+            self.wandb.finish(exit_code=int(failed))
 
 
 def fmt_time(s):
@@ -340,7 +400,6 @@ def train(run: Run, devices=None) -> dict:
         raise ConfigError(f"sample_tokens={run.sample_tokens}: the final sample needs GPT-2's vocabulary (n_vocab > "
                           f"{data.EOT}) and sample_tokens + 1 <= n_ctx = {cfg.n_ctx}: lower it, or 0 for no sample")
     os.makedirs(run.model_dir, exist_ok=True)
-    metrics_path = os.path.join(run.model_dir, "metrics.jsonl")
     train_tokens = data.load_tokens(run.train_set)
     val_sets = run.val_set if isinstance(run.val_set, dict) else ({"val": run.val_set} if run.val_set else {})
     val_tokens = {name: data.load_tokens(spec) for name, spec in val_sets.items()}
@@ -409,7 +468,9 @@ def train(run: Run, devices=None) -> dict:
         stop.append(signum)
         signal.signal(signum, previous[signum] or signal.SIG_DFL)  # a second one is not caught: it stops at once
 
+    metrics = MetricsLog(run)
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    failed = True
     try:
         while step < run.total_steps and not stop:
             batch = data.batch_at(train_tokens, position, n_seqs, run.seq, run.seed)
@@ -433,7 +494,7 @@ def train(run: Run, devices=None) -> dict:
                 print(f"step {step}/{run.total_steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | {tps:,.0f} tok/s | "
                       f"mfu {record['mfu']:.2f} | eta {fmt_time(eta)}"
                       + "".join(f" | {k} {v:.4f}" for k, v in record.items() if k.startswith("val_loss")), flush=True)
-                log(metrics_path, record)
+                metrics.write(record)
                 last = record
                 tick, tick_step = time.perf_counter(), step
             if saving or step == run.total_steps or stop:
@@ -447,9 +508,11 @@ def train(run: Run, devices=None) -> dict:
                              key=(run.seed, 0))
             text = enc.decode(decode.complete(state["params"], cfg, [row], mesh=t.mesh)[0])
             print(f"sample:\n{text}", flush=True)
+        failed = False
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler or signal.SIG_DFL)  # None: a handler not set from Python
+        metrics.close(failed)
     return last
 
 

@@ -1,8 +1,9 @@
 """The yardstick for `train.py --benchmark`: transformers' Flax GPT-J, timed the same way on the same shapes.
 
-Flax models left transformers in version 5, so this runs in a venv of its own (not needed by anything else):
-    python3 -m venv /tmp/flax && /tmp/flax/bin/pip install "jax==0.10.2" flax "transformers<5" optax tiktoken
-    /tmp/flax/bin/python bench_flax.py --layers 4 --d_model 512 --n_heads 8 --pe_rotary_dims 32 --seq 256 \\
+Flax models left transformers in version 5, so this runs in a venv of its own (not needed by anything else),
+from the repository's root:
+    python3 -m venv /tmp/flax && /tmp/flax/bin/pip install -r bench/requirements-flax.txt
+    /tmp/flax/bin/python bench/flax_gptj.py --layers 4 --d_model 512 --n_heads 8 --pe_rotary_dims 32 --seq 256 \\
         --per_replica_batch 8
 Prints the JSON line of `train.py --benchmark`, from the same timing code. The step is close to train.py's: clip
 by global norm, AdamW, fp32, one device, no z-loss. Flax runs as its users would run it: without train.py's CPU
@@ -10,13 +11,16 @@ allocator and compiler settings (see the README).
 """
 import argparse
 import json
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-import train
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's own files
+import train  # noqa: E402
 
 
 def main():
