@@ -3,6 +3,7 @@
 Three layouts, told apart by `load_weights` from what the folder holds:
   native    meta.json + one raw little-endian `<leaf.path>.bin` per pytree leaf (memory-mappable); `save`/`load`.
             A folder of `step_<8 digits>` native checkpoints (a training run) means its newest complete one.
+            A LoRA run's checkpoints hold only adapters and name their base: they read as the merged weights.
   HF        a HuggingFace GPT-J folder: config.json + model.safetensors, a sharded safetensors index, or
             pytorch_model.bin. Torch Linear weights are [out, in]; ours are [in, out].
   original  mesh-transformer-jax's shard_{0..S-1}/{0..15}.npz, read with that project's JSON config.
@@ -11,10 +12,12 @@ Tensors stream one at a time and go straight to their device shards (see `_place
 about one tensor beyond the target arrays. Writers fill a sibling temp folder and rename it into place,
 so a failed or interrupted write leaves nothing at the destination.
 
-CLI: python ckpt.py SRC DST --to native|hf [--config ORIGINAL.json] [--dtype float32|bfloat16|float16] [--force]
+CLI: python ckpt.py SRC DST --to native|hf|peft [--config ORIGINAL.json] [--dtype float32|bfloat16|float16] [--force]
+(PEFT adapter folders: ckpt_peft.py.)
 """
 import argparse
 import dataclasses
+import hashlib
 import importlib
 import json
 import math
@@ -32,6 +35,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P, Sharding
 
 import gptj
+import lora
 import shard
 
 FORMAT, VERSION = "gptj-jax", 1
@@ -652,6 +656,76 @@ def _orig_sources(path, config):
     return cfg, sources
 
 
+# ---------------------------------------------------------------- LoRA runs
+
+def _checksums(x, offset: int) -> tuple:
+    """Two exact sums of an array's bytes as 64-bit words, mod 2^64: plain, and weighted by word position (from
+    offset) so that moved values count too. Integer arithmetic: the same on every machine."""
+    b = np.ascontiguousarray(x).reshape(-1).view(np.uint8)
+    words = np.concatenate([b, np.zeros(-len(b) % 8, np.uint8)]).view(np.uint64)
+    weights = np.arange(offset, offset + len(words), dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+    return int(words.sum(dtype=np.uint64)), int((words * weights).sum(dtype=np.uint64)), len(words)
+
+
+def fingerprint(path, config=None) -> str:
+    """A hash of a checkpoint's weights, to tell whether a LoRA run's base is still the one it was trained over:
+    every leaf's name, shape and stored dtype, and two exact checksums of all of its bytes (_checksums), read a
+    block of rows at a time. It reads the whole checkpoint once at memory speed and never rounds a float."""
+    cfg, sources = _open(path, config)
+    h = hashlib.sha256()
+    for name, (shape, dtype, read) in _check_params(path, cfg, sources).items():
+        rows = max(1, (1 << 26) // max(1, math.prod(shape[1:]) * jnp.dtype(dtype).itemsize))  # ~64 MB blocks
+        plain = weighted = offset = 0
+        for lo in range(0, shape[0], rows):
+            idx = (slice(lo, min(lo + rows, shape[0])),) + _full(shape[1:])
+            p, w, n = _checksums(read(idx, dtype), offset)
+            plain, weighted, offset = (plain + p) % 2**64, (weighted + w) % 2**64, offset + n
+        h.update(f"{name} {shape} {jnp.dtype(dtype).name} {plain} {weighted};".encode())
+    return h.hexdigest()[:16]
+
+
+def lora_meta(meta, path) -> dict:
+    """The "lora" section of a LoRA run's meta.json, checked: a damaged one is a ValueError naming the file."""
+    info = meta.get("lora")
+    types = {"rank": int, "alpha": (int, float), "targets": list, "base": str, "base_fingerprint": str}
+    bad = [k for k, t in types.items() if not isinstance(info, dict) or not isinstance(info.get(k), t)]
+    if not bad and not set(info["targets"]) <= set(lora.TARGETS):
+        bad = ["targets"]
+    if bad:
+        raise ValueError(f"{os.path.join(path, 'meta.json')}: its 'lora' section lacks a valid {bad[0]!r}: damaged")
+    return info
+
+
+def _adapted_sources(path, meta, adapters) -> dict:
+    """A LoRA run's params: its base's, with scale * A B added to each adapted weight in float32, slice by slice
+    as they are read (so a 6B model merges shard by shard while it loads). A merged weight is computed from
+    several stored leaves, so it stays float32 (bf16 would round most of a small update away)."""
+    info = lora_meta(meta, path)
+    base = info["base"]
+    if not os.path.isdir(base):
+        raise ValueError(f"{path} holds LoRA adapters over {base}, which is not there: put the base back there")
+    if fingerprint(base) != info["base_fingerprint"]:
+        raise ValueError(f"{path} holds LoRA adapters over {base}, whose weights have changed since (another "
+                         f"fingerprint): restore that base")
+    base_cfg, sources = _open(base)
+    sources = dict(_check_params(base, base_cfg, sources))
+    scale = info["alpha"] / info["rank"]
+    for target in info["targets"]:
+        shape, dtype, read = sources[f"h.{target}.weight"]
+        missing = [n for n in (f"h.{target}.lora_a", f"h.{target}.lora_b") if n not in adapters]
+        if missing:
+            raise ValueError(f"{path}: no params.{missing[0]}, which its meta.json names: damaged checkpoint")
+        read_a, read_b = (adapters[f"h.{target}.lora_{x}"][2] for x in "ab")
+
+        def merged(idx, dt, read=read, read_a=read_a, read_b=read_b):
+            layers, rows, cols = idx
+            delta = np.einsum("lir,lro->lio", read_a((layers, rows, slice(None)), np.float32),
+                              read_b((layers, slice(None), cols), np.float32))
+            return (read(idx, np.float32) + np.float32(scale) * delta).astype(dt)
+        sources[f"h.{target}.weight"] = (shape, jnp.dtype(jnp.float32), merged)
+    return sources
+
+
 # ---------------------------------------------------------------- entry points
 
 def _open(path, config=None):
@@ -662,6 +736,8 @@ def _open(path, config=None):
     if os.path.isfile(os.path.join(path, "meta.json")):
         meta, sources = _native_sources(path)
         params = {k[len("params."):]: v for k, v in sources.items() if k.startswith("params.")}
+        if "lora" in meta:  # a LoRA run: adapters only, over a base it names
+            params = _adapted_sources(path, meta, params)
         return meta_config(meta, os.path.join(path, "meta.json")), params
     if os.path.isfile(os.path.join(path, "config.json")):
         return _hf_sources(path)
@@ -704,12 +780,18 @@ def main(argv=None) -> int:
                                              "to native or HuggingFace.")
     ap.add_argument("src", help="checkpoint folder in any supported format")
     ap.add_argument("dst", help="output folder (must not exist unless --force)")
-    ap.add_argument("--to", choices=["native", "hf"], required=True)
+    ap.add_argument("--to", choices=["native", "hf", "peft"], required=True,
+                    help="peft: a LoRA run's adapters as a PEFT adapter folder (native and hf: merged weights)")
     ap.add_argument("--config", help="the original project's JSON config (original checkpoints only)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="default: as stored")
     ap.add_argument("--force", action="store_true", help="overwrite dst")
     args = ap.parse_args(argv)
     try:
+        if args.to == "peft":
+            import ckpt_peft
+            ckpt_peft.export(args.src, args.dst, force=args.force)
+            print(f"wrote {args.dst}", file=sys.stderr)
+            return 0
         cfg, sources = _open(args.src, args.config)
         items = _leaves(_check_params(args.src, cfg, sources), args.dtype, progress=True)
         if args.to == "native":

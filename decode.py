@@ -108,36 +108,36 @@ def unstack(params, free=False) -> dict:
     return {**params, "h": [tree.unflatten([p[i] for p in parts]) for i in range(len(parts[0]))]}
 
 
-def forward(params, tokens, cfg, mesh=None, start=None, cache=None):
+def forward(params, tokens, cfg, mesh=None, start=None, cache=None, linear=gptj.dense):
     """gptj.forward, or shard.forward where there is a mesh."""
     if mesh is None:
-        return gptj.forward(params, tokens, cfg, start=start, cache=cache)
-    return shard.forward(params, tokens, cfg, mesh, start, cache)
+        return gptj.forward(params, tokens, cfg, start=start, cache=cache, linear=linear)
+    return shard.forward(params, tokens, cfg, mesh, start, cache, linear)
 
 
-def _prefill(params, tokens, start, knobs, cfg, cache_len, mesh):
+def _prefill(params, tokens, start, knobs, cfg, cache_len, mesh, linear=gptj.dense):
     cache = gptj.init_cache(cfg, tokens.shape[0], cache_len, per_layer=isinstance(params["h"], list))
     if mesh is not None:  # build the cache already split, not whole on one device
         cache = lax.with_sharding_constraint(cache, shard.named(mesh, shard.cache_specs(cache)))
     # Only the last position's logits are wanted: all but the last token go in for the cache alone (their
     # logits, [B, T, n_vocab] of them, are never computed), then the last token as a first decode step.
-    _, cache = forward(params, tokens[:, :-1], cfg, mesh, start, cache)
-    return _step(params, tokens[:, -1], start, cache, 0, knobs, cfg, mesh)
+    _, cache = forward(params, tokens[:, :-1], cfg, mesh, start, cache, linear)
+    return _step(params, tokens[:, -1], start, cache, 0, knobs, cfg, mesh, linear)
 
 
-def _step(params, tok, start, cache, index, knobs, cfg, mesh):
-    logits, cache = forward(params, tok[:, None], cfg, mesh, start, cache)
+def _step(params, tok, start, cache, index, knobs, cfg, mesh, linear=gptj.dense):
+    logits, cache = forward(params, tok[:, None], cfg, mesh, start, cache, linear)
     return sample_logits(logits[:, -1], knobs[0], index, *knobs[1:], min(cfg.n_vocab, VOCAB)), cache
 
 
 # prefill(params, tokens, start, knobs, cfg, cache_len, mesh) -> (first new token [B], cache)
-prefill = jax.jit(_prefill, static_argnames=("cfg", "cache_len", "mesh"))
+prefill = jax.jit(_prefill, static_argnames=("cfg", "cache_len", "mesh", "linear"))
 # step(params, tok, start, cache, index, knobs, cfg, mesh) -> (next token [B], cache); cache is consumed
-step = jax.jit(_step, static_argnames=("cfg", "mesh"), donate_argnames=("cache",))
+step = jax.jit(_step, static_argnames=("cfg", "mesh", "linear"), donate_argnames=("cache",))
 
 
-@partial(jax.jit, static_argnames=("cfg", "steps", "mesh"))
-def generate(params, tokens, start, knobs, limit, cfg, steps, *, mesh=None, eot=EOT):
+@partial(jax.jit, static_argnames=("cfg", "steps", "mesh", "linear"))
+def generate(params, tokens, start, knobs, limit, cfg, steps, *, mesh=None, eot=EOT, linear=gptj.dense):
     """Sample up to `steps` tokens after left-padded prompts, all in one compiled loop.
 
     tokens [B, T] with start[b] left pads in row b; knobs: per-row sampling settings (keys [B, 2] uint32,
@@ -154,10 +154,10 @@ def generate(params, tokens, start, knobs, limit, cfg, steps, *, mesh=None, eot=
 
     def body(state):
         i, tok, cache, out, n, done = state
-        tok, cache = _step(params, tok, start, cache, i, knobs, cfg, mesh)
+        tok, cache = _step(params, tok, start, cache, i, knobs, cfg, mesh, linear)
         return (i + 1, tok, cache, *record(i, tok, out, n, done))
 
-    tok, cache = _prefill(params, tokens, start, knobs, cfg, T + steps, mesh)
+    tok, cache = _prefill(params, tokens, start, knobs, cfg, T + steps, mesh, linear)
     out, n, done = record(0, tok, jnp.full((B, steps), eot, jnp.int32), jnp.zeros(B, jnp.int32), jnp.zeros(B, bool))
     state = lax.while_loop(lambda s: (s[0] < steps) & ~s[-1].all(), body, (jnp.int32(1), tok, cache, out, n, done))
     return state[3], state[4]
@@ -201,25 +201,27 @@ def pack(rows, mesh=None, eot=EOT):
     return tokens, start, knobs, np.array([r.max_new for r in rows], np.int32), steps
 
 
-def complete(params, cfg, rows, *, mesh=None, on_step=None, eot=EOT):
+def complete(params, cfg, rows, *, mesh=None, on_step=None, eot=EOT, linear=gptj.dense):
     """Generate every row in one batch, padded to bucketed shapes -> list of completion id lists.
 
     params stacked or per layer; on a mesh, placed as shard.param_specs says. Without on_step the whole
     loop is one compiled `generate`. With on_step(tok, new, done) the same prefill and step run one compiled
     call at a time, and on_step is called with numpy [rows] arrays after each: new marks the rows that tok
-    extends, and setting done[r] stops row r.
+    extends, and setting done[r] stops row r. linear: gptj.forward's projection hook (LoRA's, for adapters
+    beside frozen weights).
     """
     check(rows, cfg)
     real = len(rows)
     tokens, start, knobs, limit, steps = pack(rows, mesh, eot)
     if on_step is None:
-        out, n = (np.asarray(x) for x in generate(params, tokens, start, knobs, limit, cfg, steps, mesh=mesh, eot=eot))
+        out, n = (np.asarray(x) for x in generate(params, tokens, start, knobs, limit, cfg, steps, mesh=mesh, eot=eot,
+                                                    linear=linear))
         return [out[b, :n[b]].tolist() for b in range(real)]
     outs, done = [[] for _ in tokens], np.zeros(len(tokens), bool)
-    tok, cache = prefill(params, tokens, start, knobs, cfg, tokens.shape[1] + steps, mesh)
+    tok, cache = prefill(params, tokens, start, knobs, cfg, tokens.shape[1] + steps, mesh, linear)
     for i in range(1, steps + 1):
         # Queue the next step before waiting for this token on the host, so the device never idles.
-        ahead = step(params, tok, start, cache, jnp.int32(i), knobs, cfg, mesh) if i < steps else None
+        ahead = step(params, tok, start, cache, jnp.int32(i), knobs, cfg, mesh, linear) if i < steps else None
         tok = np.asarray(tok)
         new = ~done & (tok != eot)
         for b in np.flatnonzero(new):

@@ -168,7 +168,13 @@ def attention(q, k, v, mask):
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
-def block(x, p, cfg: Config, sin, cos, mask, kv=None, index=None, mp=None):
+def dense(x, p):
+    """The linear layer: x [tokens, in] @ p["weight"] [in, out] in x's dtype. forward's `linear` hook replaces it to
+    compute a projection from other params (a low-rank adapter beside the weight: lora.py; quantised weights)."""
+    return x @ p["weight"].astype(x.dtype)
+
+
+def block(x, p, cfg: Config, sin, cos, mask, kv=None, index=None, mp=None, linear=dense):
     """One GPT-J layer: x + attn(ln_1(x)) + mlp(ln_1(x)), both branches from ONE LayerNorm.
 
     With `mp`, p holds this device's heads and d_ff slice; the two partial branch outputs are summed and
@@ -176,19 +182,18 @@ def block(x, p, cfg: Config, sin, cos, mask, kv=None, index=None, mp=None):
     kv: this layer's cache (k, v) [batch, cache_len, heads, d_head] to write at `index` and attend over.
     """
     dt = x.dtype
-    w = lambda name: p[name]["weight"].astype(dt)
     B, T, _ = x.shape
     # Matmuls on [batch * seq, features]: from 3-D activations XLA:CPU transposes each activation gradient
     # before computing a weight gradient, a copy per matmul (a third of the lm_head's backward pass).
     h = layer_norm(x, p["ln_1"], cfg.layer_norm_eps).astype(dt).reshape(B * T, -1)
-    q, k, v = ((h @ w(n)).reshape(B, T, -1, cfg.d_head) for n in ("q_proj", "k_proj", "v_proj"))
+    q, k, v = (linear(h, p[n]).reshape(B, T, -1, cfg.d_head) for n in ("q_proj", "k_proj", "v_proj"))
     q, k = apply_rotary(q, sin, cos), apply_rotary(k, sin, cos)
     if kv is not None:
         k = lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
         v = lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
         kv = (k, v)
-    attn = attention(q, k.astype(dt), v.astype(dt), mask).reshape(B * T, -1) @ w("out_proj")
-    ff = jax.nn.gelu(h @ w("fc_in") + p["fc_in"]["bias"].astype(dt), approximate=True) @ w("fc_out")
+    attn = linear(attention(q, k.astype(dt), v.astype(dt), mask).reshape(B * T, -1), p["out_proj"])
+    ff = linear(jax.nn.gelu(linear(h, p["fc_in"]) + p["fc_in"]["bias"].astype(dt), approximate=True), p["fc_out"])
     return x + _psum(attn + ff, mp).reshape(B, T, -1) + p["fc_out"]["bias"].astype(dt), kv
 
 
@@ -202,7 +207,7 @@ def embed(wte, tokens, mp=None):
     return _psum(jnp.where(owned[..., None], wte[jnp.clip(local, 0, rows - 1)], 0), mp)
 
 
-def forward(params, tokens, cfg: Config, *, start=None, cache=None, mp=None):
+def forward(params, tokens, cfg: Config, *, start=None, cache=None, mp=None, linear=dense):
     """tokens [batch, seq] int -> (logits [batch, seq, n_vocab] fp32, updated cache or None).
 
     params["h"] is stacked (run with lax.scan) or a list of per-layer dicts (run unrolled; the cache then
@@ -211,7 +216,7 @@ def forward(params, tokens, cfg: Config, *, start=None, cache=None, mp=None):
     is never attended to. Without a cache, seq is at most n_ctx. cache: from init_cache; the tokens are
     written after cache["length"] slots, which must leave room for them: inside jit that cannot raise, so
     an overflowing call returns NaN logits rather than silently overwritten keys. With `mp`, logits are this
-    device's vocab slice.
+    device's vocab slice. linear(x, p): how each layer projection is computed from its params (default dense).
     """
     B, T = tokens.shape
     n_slots = T if cache is None else jax.tree.leaves(cache["k"])[0].shape[-3]
@@ -229,7 +234,7 @@ def forward(params, tokens, cfg: Config, *, start=None, cache=None, mp=None):
 
     def layer(x, inputs):
         p, kv = inputs
-        return block(x, p, cfg, sin, cos, mask, kv, offset, mp)
+        return block(x, p, cfg, sin, cos, mask, kv, offset, mp, linear)
 
     if cfg.remat:
         layer = jax.checkpoint(layer, prevent_cse=False)
@@ -280,9 +285,9 @@ def cross_entropy(logits, targets, z_loss=0.0, mp=None):
     return lse - target_logit + z_loss * jnp.square(lse)
 
 
-def loss_fn(params, tokens, cfg: Config, mask=None, z_loss=0.0):
+def loss_fn(params, tokens, cfg: Config, mask=None, z_loss=0.0, linear=dense):
     """Mean next-token loss of tokens [batch, seq + 1] over positions where mask [batch, seq] is set."""
-    logits, _ = forward(params, tokens[:, :-1], cfg)
+    logits, _ = forward(params, tokens[:, :-1], cfg, linear=linear)
     losses = cross_entropy(logits, tokens[:, 1:], z_loss)
     mask = jnp.ones_like(losses) if mask is None else mask.astype(jnp.float32)
     return (losses * mask).sum() / jnp.maximum(mask.sum(), 1.0)

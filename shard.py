@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 import gptj
+import lora
 
 DP, MP = "dp", "mp"
 
@@ -85,22 +86,23 @@ def check(cfg: gptj.Config, mesh: Mesh, batch: int | None = None):
         raise ValueError(f"batch size {batch} is not divisible by dp={dp}: use a multiple of {dp}")
 
 
-# gptj.PARAMS's logical axes that are split over 'mp'; every other axis is whole on each device.
+# Logical axes split over 'mp' (gptj.PARAMS's, and lora.py's "lora_rank" is not); every other axis is whole on
+# each device.
 MP_AXES = ("vocab", "heads", "mlp")
 
 
 def param_specs(params=None) -> dict:
-    """PartitionSpecs for a params pytree, from gptj.PARAMS's logical axes: stacked layers keep their leading
-    layer axis whole; per-layer params (decode.unstack) get a list of specs without it."""
-    per_layer = params is not None and isinstance(params["h"], list)
-    specs = {}
-    for name, (axes, _) in gptj.PARAMS.items():
-        axes = axes[1:] if per_layer and axes[0] == "layers" else axes
-        specs[name] = P(*(MP if a in MP_AXES else None for a in axes))
-    tree = gptj.nest(specs)
-    if per_layer:
-        tree["h"] = [tree["h"]] * len(params["h"])
-    return tree
+    """PartitionSpecs for a params pytree (default: gptj's whole tree), each from its leaf's logical axes
+    (gptj.PARAMS; lora.leaf_axes for adapters beside a weight). Stacked layers keep their leading layer axis
+    whole; per-layer params (decode.unstack: lists of layers) have no layer axis."""
+    if params is None:
+        params = gptj.nest(dict.fromkeys(gptj.PARAMS, 0))
+
+    def spec(path, _):
+        per_layer = any(isinstance(k, jax.tree_util.SequenceKey) for k in path)
+        axes = lora.leaf_axes(".".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)))
+        return P(*(MP if a in MP_AXES else None for a in (axes[1:] if per_layer else axes)))
+    return jax.tree_util.tree_map_with_path(spec, params)
 
 
 def cache_specs(cache) -> dict:
@@ -134,13 +136,13 @@ def place_params(params, mesh: Mesh):
     return place(params, mesh, param_specs(params))
 
 
-def forward(params, tokens, cfg: gptj.Config, mesh: Mesh, start=None, cache=None):
+def forward(params, tokens, cfg: gptj.Config, mesh: Mesh, start=None, cache=None, linear=gptj.dense):
     """gptj.forward on the mesh: logits [batch, seq, n_vocab] split over (dp, -, mp); cache split likewise."""
     check(cfg, mesh, tokens.shape[0])
     start = jnp.zeros(tokens.shape[:1], jnp.int32) if start is None else start
 
     def local(params, tokens, start, cache):
-        return gptj.forward(params, tokens, cfg, start=start, cache=cache, mp=MP)
+        return gptj.forward(params, tokens, cfg, start=start, cache=cache, mp=MP, linear=linear)
 
     cache_spec = None if cache is None else cache_specs(cache)
     return jax.shard_map(
@@ -150,13 +152,13 @@ def forward(params, tokens, cfg: gptj.Config, mesh: Mesh, start=None, cache=None
     )(params, tokens, start, cache)
 
 
-def loss_fn(params, tokens, cfg: gptj.Config, mesh: Mesh, mask=None, z_loss=0.0):
+def loss_fn(params, tokens, cfg: gptj.Config, mesh: Mesh, mask=None, z_loss=0.0, linear=gptj.dense):
     """gptj.loss_fn on the mesh: the mean over all dp shards' unmasked tokens, vocab never gathered."""
     check(cfg, mesh, tokens.shape[0])
     mask = jnp.ones((tokens.shape[0], tokens.shape[1] - 1), jnp.float32) if mask is None else mask
 
     def local(params, tokens, mask):
-        logits, _ = gptj.forward(params, tokens[:, :-1], cfg, mp=MP)
+        logits, _ = gptj.forward(params, tokens[:, :-1], cfg, mp=MP, linear=linear)
         losses = gptj.cross_entropy(logits, tokens[:, 1:], z_loss, mp=MP)
         mask = mask.astype(jnp.float32)
         total, count = jax.lax.psum(((losses * mask).sum(), mask.sum()), DP)

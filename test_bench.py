@@ -12,9 +12,11 @@ def test_accelerator_script_prints_every_figure():
                          text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
     assert res.returncode == 0, res.stderr
     lines = [json.loads(line) for line in res.stdout.splitlines()]
-    assert [r["figure"] for r in lines] == ["train", "decode_b1", "decode_b8"]
-    train, b1, b8 = lines
-    assert "train.py --benchmark" in train["command"] and 0 < train["mfu"] < 1 and train["tokens_per_s"] > 0
+    assert [r["figure"] for r in lines] == ["train", "train_lora", "decode_b1", "decode_b8"]
+    train, train_lora, b1, b8 = lines
+    for r in (train, train_lora):
+        assert "train.py --benchmark" in r["command"] and 0 < r["mfu"] < 1 and r["tokens_per_s"] > 0
+    assert "--lora_rank" in train_lora["command"]
     assert (b1["batch"], b8["batch"]) == (1, 8)
     for r in (b1, b8):
         assert r["decode_tokens_per_s"] > 0 and r["decode_bound_tokens_per_s"] > 0

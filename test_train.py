@@ -94,7 +94,7 @@ def test_sharded_zero_step_equals_unsharded(dp, mp, seed, ids):
     sharded = jax.device_put(state, t.shardings)
     for b in batches:
         state, want = step(state, b)
-        sharded, got = t.step(sharded, jax.device_put(b, t.batch_sharding))
+        sharded, got = t.step(sharded, jax.device_put(b, t.batch_sharding), {})
         assert all(math.isclose(float(got[k]), float(want[k]), rel_tol=1e-5) for k in want)
     for path, a, b in zip(jax.tree_util.tree_leaves_with_path(sharded), jax.tree.leaves(sharded), jax.tree.leaves(state)):
         a, b = np.asarray(a), np.asarray(b)
@@ -283,7 +283,8 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, corpus, capsys):
 def test_plan_reports_per_device_memory():
     run = train.Run(**{**train.KEYS, **TINY, "cores_per_replica": 2, "gradient_accumulation_steps": 2})
     out = train.plan(run, jax.devices())
-    assert out["devices"] == 8 and out["mesh"] == {"dp": 4, "mp": 2}
+    assert out["devices"] == 8 and out["mesh"] == {"dp": 4, "mp": 2} and out["platform"] == "cpu"
+    assert out["frozen_bytes"] == 0  # full fine-tuning: every param trains
     cfg = run.model()
     assert out["params_bytes"] == pytest.approx(4 * cfg.n_params() / 2, rel=0.01)
     assert out["opt_state_bytes"] == pytest.approx(2 * out["params_bytes"] / 4, rel=0.05)  # ZeRO: / dp
@@ -309,7 +310,7 @@ def test_benchmark_prints_speed_and_mfu(capsys):
 def test_cpu_step_compiles_without_ynnpack_fusions():
     t = train.Trainer(train.Run(**{**train.KEYS, **TINY}), ONE)
     batch = jax.ShapeDtypeStruct((1, t.batch, 17), jnp.int32, sharding=t.batch_sharding)
-    assert "__ynn_fusion" not in t.step.lower(t.shapes, batch).compile().as_text()
+    assert "__ynn_fusion" not in t.step.lower(t.shapes, batch, t.frozen_shapes).compile().as_text()
     column_sum = jax.jit(lambda x: x.sum(0)).lower(jnp.ones((64, 64)))  # what the option is there for
     assert "__ynn_fusion" in column_sum.compile().as_text()
     assert "__ynn_fusion" not in column_sum.compile(shard.compiler_options(t.device)).as_text()
@@ -318,7 +319,7 @@ def test_cpu_step_compiles_without_ynnpack_fusions():
 def test_one_device_step_has_no_collectives_and_no_transposed_logit_gradient():
     t = train.Trainer(train.Run(**{**train.KEYS, **TINY, "per_replica_batch": 3}), ONE)  # 3 x 16 != d_model
     batch = jax.ShapeDtypeStruct((1, 3, 17), jnp.int32, sharding=t.batch_sharding)
-    hlo = t.step.lower(t.shapes, batch).compile().as_text()
+    hlo = t.step.lower(t.shapes, batch, t.frozen_shapes).compile().as_text()
     assert "all-reduce" not in hlo  # no shard_map on one device: its backward psums every gradient
     # From 3-D activations XLA:CPU transposed the logits' gradient, to [n_vocab, batch, seq], for the
     # lm_head weight gradient.
@@ -383,6 +384,7 @@ def test_val_set_object_maps_names_to_specs(tmp_path):
     (["--warmup_steps", "-5"], "warmup_steps=-5: must be at least 0"),
     (["--grad_acc_dtype", "bf16"], "grad_acc_dtype='bf16': must be one of float32, bfloat16"),
     (["--sample_tokens", "20"], "sample_tokens=20: the final sample needs"),  # seq (so n_ctx) is 16
+    (["--plan", "--topology", "v5e"], "--topology 'v5e': expected NAME:AxB or NAME:AxBxC"),
     (["--n_vocab", "1024"], "val_set holds token id"),
     (["--n_vocab", "1024", "--val_set", ""], "train_set holds token id"),  # found in its first batch
 ])

@@ -23,9 +23,11 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import ckpt
+import ckpt_peft
 import data
 import decode
 import gptj
+import lora
 import shard
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "shakespeare.json")
@@ -41,6 +43,7 @@ KEYS = dict(
     # New keys (see the README):
     n_ctx=0, d_ff=0, dtype="auto", remat=False, z_loss=1e-4, seed=0, log_every=10, keep_last=3,
     init_from="", sample_tokens=100, grad_acc_dtype="float32",
+    lora_rank=0, lora_alpha=16.0, lora_targets="q_proj,v_proj", lora_from="",
 )
 # Original keys that only made sense on Google Cloud; accepted and reported as ignored.
 IGNORED = {"bucket", "eval_harness_tasks", "comment", "tokens_per_step"}
@@ -196,21 +199,31 @@ def state_specs(state_shapes, mesh):
     return {"params": pspecs, "opt_state": ospecs}
 
 
+def linear_layer(run: Run):
+    """The model's projections: plain, or with LoRA adapters beside the frozen weights."""
+    return lora.linear_fn(run.lora_alpha / run.lora_rank) if run.lora_rank else gptj.dense
+
+
 def make_step(run: Run, cfg: gptj.Config, mesh):
-    """The compiled training step: gradient accumulation over micro-batches inside one program."""
+    """The compiled training step: gradient accumulation over micro-batches inside one program.
+
+    step(state, batch, frozen=None): state["params"] are what trains, frozen (LoRA's base weights) what does not:
+    the model runs on both, and only the trained params get gradients and optimizer state."""
     opt = optimizer(run)
     acc_dtype = jnp.dtype(run.grad_acc_dtype)
+    linear = linear_layer(run)
 
-    def loss(params, tokens):
+    def loss(params, tokens, frozen):
+        params = lora.combine(frozen, params)
         if mesh is None or mesh.size == 1:  # shard_map's backward would copy every gradient through a psum
-            return gptj.loss_fn(params, tokens, cfg, z_loss=run.z_loss)
-        return shard.loss_fn(params, tokens, cfg, mesh, z_loss=run.z_loss)
+            return gptj.loss_fn(params, tokens, cfg, z_loss=run.z_loss, linear=linear)
+        return shard.loss_fn(params, tokens, cfg, mesh, z_loss=run.z_loss, linear=linear)
 
-    def step(state, batch):  # batch [grad_acc, batch, seq + 1]
-        params = state["params"]
+    def step(state, batch, frozen=None):  # batch [grad_acc, batch, seq + 1]
+        params, frozen = state["params"], {} if frozen is None else frozen
 
         def micro(acc, tokens):
-            value, grads = jax.value_and_grad(loss)(params, tokens)
+            value, grads = jax.value_and_grad(loss)(params, tokens, frozen)
             return jax.tree.map(lambda a, g: a + g.astype(acc_dtype), acc, grads), value
 
         zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, acc_dtype), params)
@@ -224,11 +237,13 @@ def make_step(run: Run, cfg: gptj.Config, mesh):
     return opt, step
 
 
-def flops_per_token(cfg: gptj.Config, seq: int) -> float:
+def flops_per_token(cfg: gptj.Config, seq: int, adapters: int = 0) -> float:
     """Training FLOPs per token: 6 per parameter plus attention. wte is left out: an embedding lookup multiplies
     nothing. (Counting it, the "6 x all parameters" often quoted, would credit a small model with a 50k vocab
-    with half again the FLOPs it does.)"""
-    return 6 * (cfg.n_params() - cfg.n_vocab * cfg.d_model) + 12 * cfg.n_layer * cfg.d_model * seq
+    with half again the FLOPs it does.) With LoRA (`adapters` parameters), the frozen weights need no weight
+    gradient: 4 FLOPs per base parameter (forward, and the activations' gradient), 6 per adapter parameter."""
+    return ((4 if adapters else 6) * (cfg.n_params() - cfg.n_vocab * cfg.d_model) + 6 * adapters
+            + 12 * cfg.n_layer * cfg.d_model * seq)
 
 
 def matmul_peak(device, dtype) -> float:
@@ -258,27 +273,52 @@ class Trainer:
         self.dp = self.mesh.shape[shard.DP]
         self.batch = run.per_replica_batch * self.dp
         shard.check(self.cfg, self.mesh, self.batch)
+        self.lora = run.lora_rank > 0  # LoRA: adapters train; the base weights are frozen, in the compute dtype
+        if run.lora_from and not self.lora:
+            raise ConfigError(f"lora_from={run.lora_from!r} needs lora_rank > 0 (the adapter's r)")
+        if self.lora:
+            try:
+                self.targets = lora.check(self.cfg, run.lora_rank, run.lora_targets.split(","))
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         self.opt, step = make_step(run, self.cfg, self.mesh)
         shapes = jax.eval_shape(self.init_state, jax.random.PRNGKey(0))
         self.shardings = jax.tree.map(lambda s: NamedSharding(self.mesh, s), state_specs(shapes, self.mesh),
                                       is_leaf=lambda x: isinstance(x, P))
-        self.shapes = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes,
-                                   self.shardings)
+        self.shapes = self._placed(shapes, self.shardings)
+        frozen = jax.eval_shape(self.random_frozen, jax.random.PRNGKey(0)) if self.lora else {}
+        self.frozen_shardings = shard.named(self.mesh, shard.param_specs(frozen)) if self.lora else {}
+        self.frozen_shapes = self._placed(frozen, self.frozen_shardings)
         self.batch_sharding = NamedSharding(self.mesh, P(None, shard.DP, None))
-        self.step = jax.jit(step, in_shardings=(self.shardings, self.batch_sharding),
+        # step(state, batch, frozen) -> (state, metrics); frozen is {} unless LoRA
+        self.step = jax.jit(step, in_shardings=(self.shardings, self.batch_sharding, self.frozen_shardings),
                             out_shardings=(self.shardings, None), donate_argnums=0,
                             compiler_options=shard.compiler_options(self.device))
 
+    @staticmethod
+    def _placed(shapes, shardings):
+        return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
     def init_state(self, key, params=None):
-        params = gptj.init_params(self.cfg, key) if params is None else params
+        if params is None:
+            params = (lora.init_adapters(self.cfg, self.run.lora_rank, self.targets, key) if self.lora
+                      else gptj.init_params(self.cfg, key))
         return {"params": params, "opt_state": self.opt.init(params)}
 
     def fresh_state(self, params=None):
         init = jax.jit(self.init_state, out_shardings=self.shardings)
         return init(jax.random.PRNGKey(self.run.seed), params)
 
+    def random_frozen(self, key):
+        """A random base in the compute dtype, for --benchmark (and its shapes for --plan)."""
+        return jax.tree.map(lambda x: x.astype(self.cfg.dtype), gptj.init_params(self.cfg, key))
+
     def tokens_per_step(self):
         return self.batch * self.run.gradient_accumulation_steps * self.run.seq
+
+    def flops_per_token(self):
+        adapters = sum(x.size for x in jax.tree.leaves(self.shapes["params"])) if self.lora else 0
+        return flops_per_token(self.cfg, self.run.seq, adapters)
 
 
 def plan(run: Run, devices=None) -> dict:
@@ -286,17 +326,44 @@ def plan(run: Run, devices=None) -> dict:
     t = Trainer(run, devices)
     batch = jax.ShapeDtypeStruct((run.gradient_accumulation_steps, t.batch, run.seq + 1), jnp.int32,
                                  sharding=t.batch_sharding)
-    compiled = t.step.lower(t.shapes, batch).compile()
+    compiled = t.step.lower(t.shapes, batch, t.frozen_shapes).compile()
     mem = compiled.memory_analysis()
 
     def per_device(tree):
         return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
-    params, opt = per_device(t.shapes["params"]), per_device(t.shapes["opt_state"])
+    params, opt, frozen = (per_device(t.shapes["params"]), per_device(t.shapes["opt_state"]),
+                           per_device(t.frozen_shapes))
     temp = int(mem.temp_size_in_bytes)
-    return {"devices": t.mesh.size, "mesh": {"dp": t.dp, "mp": t.mesh.shape[shard.MP]}, "params_bytes": params,
-            "opt_state_bytes": opt, "temp_bytes": temp, "total_bytes": params + opt + temp,
-            "flops_per_step": flops_per_token(t.cfg, run.seq) * t.tokens_per_step()}
+    return {"devices": t.mesh.size, "platform": t.device.platform, "device_kind": t.device.device_kind,
+            "mesh": {"dp": t.dp, "mp": t.mesh.shape[shard.MP]}, "params_bytes": params,
+            "opt_state_bytes": opt, "frozen_bytes": frozen, "temp_bytes": temp,
+            "total_bytes": params + opt + frozen + temp,
+            "flops_per_step": t.flops_per_token() * t.tokens_per_step()}
+
+
+def plan_devices(run: Run, topology=None) -> list:
+    """The devices --plan compiles for without owning them: a TPU topology's (its compiler's own memory analysis;
+    libtpu works on a machine without TPUs), or simulated CPU devices."""
+    n = max(run.tpu_size or run.cores_per_replica, 1)
+    if topology:
+        try:
+            from jax.experimental import topologies
+            dims = [int(d) for d in topology.split(":")[1].split("x")]
+            # One host holds up to 2x2x1 chips; a smaller slice is all on one host.
+            bounds = tuple(min(d, 2) for d in dims) + (1,) * (3 - len(dims))
+            devices = topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                                   chips_per_host_bounds=bounds).devices
+        except (ValueError, IndexError):
+            raise ConfigError(f"--topology {topology!r}: expected NAME:AxB or NAME:AxBxC, such as v5e:1x1 or v4:2x2x1")
+        except Exception as e:  # no libtpu, or a topology it does not know; its errors have no common base
+            raise ConfigError(f"--topology {topology}: {str(e).splitlines()[0]} (needs libtpu: pip install "
+                              f"'jax[tpu]', which plans on a machine without TPUs)") from None
+        if len(devices) < n:
+            raise ConfigError(f"--topology {topology} has {len(devices)} devices, the config needs {n}")
+        return list(devices)[:n]
+    jax.config.update("jax_num_cpu_devices", n)
+    return jax.devices() if len(jax.devices()) >= n else jax.devices("cpu")[:n]
 
 
 def time_steps(step, state, batch, steps: int, warmup: int = 10):
@@ -318,10 +385,10 @@ def time_steps(step, state, batch, steps: int, warmup: int = 10):
     return compile_s, (time.perf_counter() - start) / steps
 
 
-def speed_record(cfg: gptj.Config, seq: int, tokens_per_step: int, step_s: float, compile_s: float, peak: float,
+def speed_record(flops_per_token: float, tokens_per_step: int, step_s: float, compile_s: float, peak: float,
                  devices: int) -> dict:
     """The --benchmark line; peak is the FLOP/s of all the devices together."""
-    mfu = flops_per_token(cfg, seq) * tokens_per_step / step_s / peak
+    mfu = flops_per_token * tokens_per_step / step_s / peak
     return {"tokens_per_s": round(tokens_per_step / step_s, 1), "step_s": round(step_s, 4), "mfu": round(mfu, 4),
             "compile_s": round(compile_s, 2), "peak_flops": round(peak, -8), "devices": devices}
 
@@ -334,14 +401,26 @@ def benchmark(run: Run, steps: int = 5) -> dict:
     rng = np.random.default_rng(0)
     batch = jax.device_put(rng.integers(0, 50257, (run.gradient_accumulation_steps, t.batch, run.seq + 1),
                                         dtype=np.int32), t.batch_sharding)
-    compile_s, step_s = time_steps(t.step, t.fresh_state(), batch, steps)
+    frozen = jax.jit(t.random_frozen, out_shardings=t.frozen_shardings)(jax.random.PRNGKey(1)) if t.lora else {}
+    compile_s, step_s = time_steps(lambda s, b: t.step(s, b, frozen), t.fresh_state(), batch, steps)
     peak = max(peak, matmul_peak(t.device, t.cfg.dtype)) * t.mesh.size
-    record = speed_record(t.cfg, run.seq, t.tokens_per_step(), step_s, compile_s, peak, t.mesh.size)
+    record = speed_record(t.flops_per_token(), t.tokens_per_step(), step_s, compile_s, peak, t.mesh.size)
     return {**record, "device": t.device.device_kind, "dtype": t.cfg.dtype, "params": t.cfg.n_params()}
 
 
 # ---------------------------------------------------------------- the loop
 SHAPE_FIELDS = ("n_vocab", "d_model", "n_layer", "n_head", "rotary_dim", "d_ff")
+
+
+def check_same_lora(saved, now, where: str):
+    """A run resumes with the LoRA settings and the base it was trained with, or not at all."""
+    keys = ("rank", "alpha", "targets", "base_fingerprint")
+    pick = lambda d: None if d is None else {k: sorted(d[k]) if k == "targets" else d[k] for k in keys}
+    if pick(saved) != pick(now):
+        held = "full fine-tuning" if saved is None else (
+            f"LoRA rank {saved['rank']}, alpha {saved['alpha']} on {','.join(saved['targets'])} over {saved['base']}")
+        raise ConfigError(f"{where} holds {held}: resume with those settings and that base (a base whose weights "
+                          f"changed has another fingerprint), or use another model_dir")
 
 
 def check_compatible(cfg: gptj.Config, other: gptj.Config, where: str):
@@ -415,31 +494,45 @@ def train(run: Run, devices=None) -> dict:
     for name, toks in val_tokens.items():  # now; the training set batch by batch, as it can be huge
         check_ids(toks, "val_set" if len(val_tokens) == 1 else f"val_set {name}")
 
+    frozen, adapted = {}, None
+    if t.lora:  # the base loads straight into the compute dtype: it never trains, and fp32 would double it
+        if not run.init_from:
+            raise ConfigError("lora_rank > 0 needs init_from: the base weights that the adapters adapt")
+        frozen, base_cfg = ckpt.load_weights(run.init_from, mesh=t.mesh, dtype=cfg.dtype)
+        check_compatible(cfg, base_cfg, f"init_from {run.init_from}")
+        adapted = {"rank": run.lora_rank, "alpha": run.lora_alpha, "targets": list(t.targets),
+                   "base": os.path.abspath(run.init_from), "base_fingerprint": ckpt.fingerprint(run.init_from)}
     latest = ckpt.latest(run.model_dir)
     if latest:
         meta = ckpt.read_meta(latest)
         check_compatible(cfg, ckpt.meta_config(meta, os.path.join(latest, "meta.json")), f"model_dir {run.model_dir}")
+        check_same_lora(ckpt.lora_meta(meta, latest) if "lora" in meta else None, adapted, f"model_dir {run.model_dir}")
         state = ckpt.load(latest, like=t.shapes, mesh=t.mesh, specs=t.shardings)
         step, position = meta["step"], meta["data_position"]
         print(f"resumed from {latest} (step {step})", file=sys.stderr)
     else:
         params = None
-        if run.init_from:
+        if t.lora and run.lora_from:  # continue adapters trained elsewhere, with a fresh optimizer
+            params = ckpt_peft.read_adapters(run.lora_from, cfg, run.lora_rank, run.lora_alpha, t.targets)
+            params = jax.device_put(params, t.shardings["params"])
+            print(f"adapters from {run.lora_from}", file=sys.stderr)
+        elif run.init_from and not t.lora:
             params, init_cfg = ckpt.load_weights(run.init_from, mesh=t.mesh, dtype="float32")
             check_compatible(cfg, init_cfg, f"init_from {run.init_from}")
+        if run.init_from:
             print(f"initialised from {run.init_from}", file=sys.stderr)
         state, step, position = t.fresh_state(params), 0, 0
 
     def save(step):
         path = os.path.join(run.model_dir, f"step_{step:08d}")
-        ckpt.save(path, state, cfg, {"step": step, "data_position": position, "run": dataclasses.asdict(run)},
-                  force=True)
+        extra = {"step": step, "data_position": position, "run": dataclasses.asdict(run)}
+        ckpt.save(path, state, cfg, extra | ({"lora": adapted} if adapted else {}), force=True)
         ckpt.prune(run.model_dir, run.keep_last, run.keep_every)
         return path
 
-    rows = NamedSharding(t.mesh, P(shard.DP, None))
-    evaluate = jax.jit(lambda p, b, mask: shard.loss_fn(p, b, cfg, t.mesh, mask),
-                       in_shardings=(t.shardings["params"], rows, rows))
+    rows, linear = NamedSharding(t.mesh, P(shard.DP, None)), linear_layer(run)
+    evaluate = jax.jit(lambda p, b, mask, f: shard.loss_fn(lora.combine(f, p), b, cfg, t.mesh, mask, linear=linear),
+                       in_shardings=(t.shardings["params"], rows, rows, t.frozen_shardings))
 
     def validate():
         out = {}  # the first validation set is "val_loss", further ones (original configs' dicts) by name
@@ -450,13 +543,13 @@ def train(run: Run, devices=None) -> dict:
                 mask = np.zeros((t.batch, run.seq), np.float32)
                 mask[:len(b)] = 1
                 b = np.concatenate([b, np.repeat(b[:1], t.batch - len(b), axis=0)])
-                losses.append(float(evaluate(state["params"], b, mask)))
+                losses.append(float(evaluate(state["params"], b, mask, frozen)))
             if losses:  # val_batches 0: no validation, as in the original's example config
                 out["val_loss" if i == 0 else f"val_loss_{name}"] = float(np.mean(losses))
         return out
 
     peak = matmul_peak(t.device, cfg.dtype) * t.mesh.size
-    fpt = flops_per_token(cfg, run.seq)
+    fpt = t.flops_per_token()
     n_seqs = run.gradient_accumulation_steps * t.batch
     print(f"{run.name}: {cfg.n_params() / 1e6:.1f}M params, mesh dp={t.dp} mp={t.mesh.shape[shard.MP]}, "
           f"{t.tokens_per_step()} tokens/step, {len(train_tokens)} training tokens", file=sys.stderr)
@@ -476,7 +569,7 @@ def train(run: Run, devices=None) -> dict:
             batch = data.batch_at(train_tokens, position, n_seqs, run.seq, run.seed)
             check_ids(batch, "train_set")
             batch = batch.reshape(run.gradient_accumulation_steps, t.batch, run.seq + 1)
-            state, m = t.step(state, jax.device_put(batch, t.batch_sharding))
+            state, m = t.step(state, jax.device_put(batch, t.batch_sharding), frozen)
             step, position = step + 1, position + n_seqs
             evaluating = run.val_every > 0 and step % run.val_every == 0
             saving = run.ckpt_every > 0 and step % run.ckpt_every == 0
@@ -506,7 +599,9 @@ def train(run: Run, devices=None) -> dict:
             enc = data.tokenizer()
             row = decode.Row(decode.prompt_ids(enc, ""), run.sample_tokens, temperature=0.8, top_p=0.9,
                              key=(run.seed, 0))
-            text = enc.decode(decode.complete(state["params"], cfg, [row], mesh=t.mesh)[0])
+            # Through the adapters as trained: merging would hold a second base, and bf16 would round the update.
+            params = lora.combine(frozen, state["params"])
+            text = enc.decode(decode.complete(params, cfg, [row], mesh=t.mesh, linear=linear)[0])
             print(f"sample:\n{text}", flush=True)
         failed = False
     finally:
@@ -521,6 +616,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", help=f"JSON config (default {os.path.relpath(DEFAULT_CONFIG)})")
     ap.add_argument("--plan", action="store_true", help="print per-device memory of the training step and exit")
+    ap.add_argument("--topology", help="with --plan: compile for this TPU topology (e.g. v5e:1x1, v3:2x2, v4:2x2x1) "
+                                       "by the TPU compiler; needs libtpu (pip install 'jax[tpu]'), no TPU")
     ap.add_argument("--benchmark", action="store_true", help="time training steps on random tokens and exit")
     ap.add_argument("--benchmark_steps", type=int, default=5)
     for key, default in KEYS.items():
@@ -530,11 +627,12 @@ def main(argv=None) -> int:
         overrides = {k: _parse_flag(k, v) for k, v in vars(args).items() if k in KEYS and v is not None}
         run = load_config(args.config, overrides)
         if args.plan:
-            # Compile for the config's devices without owning them: simulate them on the CPU if needed.
-            n = run.tpu_size or run.cores_per_replica
-            jax.config.update("jax_num_cpu_devices", max(n, 1))
-            devices = jax.devices() if len(jax.devices()) >= n else jax.devices("cpu")[:n]
+            devices = plan_devices(run, args.topology)
             print(json.dumps(plan(run, devices)))
+            if devices[0].platform == "cpu" and run.model().dtype != "float32":
+                print("note: XLA:CPU computes bf16 and fp16 matmuls in fp32 (and may hold fp32 copies of whole bf16 "
+                      "weight stacks): temp_bytes can differ from an accelerator's; --topology plans with the TPU "
+                      "compiler", file=sys.stderr)
         elif args.benchmark:
             print(json.dumps(benchmark(run, args.benchmark_steps)))
         else:

@@ -55,7 +55,8 @@ def main():
     peak = max(peak, train.matmul_peak(device, "float32"))
     cfg = train.gptj.Config(n_vocab=a.n_vocab, n_ctx=a.seq, d_model=a.d_model, n_layer=a.layers,
                             n_head=a.n_heads, rotary_dim=a.pe_rotary_dims)
-    print(json.dumps(train.speed_record(cfg, a.seq, a.per_replica_batch * a.seq, step_s, compile_s, peak, 1)))
+    fpt = train.flops_per_token(cfg, a.seq)
+    print(json.dumps(train.speed_record(fpt, a.per_replica_batch * a.seq, step_s, compile_s, peak, 1)))
 
 
 if __name__ == "__main__":
