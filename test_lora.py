@@ -18,7 +18,7 @@ import lora
 import sample
 import shard
 import train
-from test_train import TINY, corpus  # noqa: F401  (a fixture)
+from test_train import TINY, corpus, plain_step  # noqa: F401  (corpus: a fixture)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -111,13 +111,15 @@ def test_resume_is_bit_identical(tmp_path, corpus, base):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+LORA_RUN = train.Run(**{**train.KEYS, **TINY, **LORA, "n_vocab": 64, "gradient_accumulation_steps": 2,
+                         "lora_targets": ",".join(lora.TARGETS)})
+
+
 @functools.cache
 def lora_programs(dp, mp):
-    run = train.Run(**{**train.KEYS, **TINY, **LORA, "n_vocab": 64, "cores_per_replica": mp,
-                       "per_replica_batch": 8 // dp, "gradient_accumulation_steps": 2,
-                       "lora_targets": ",".join(lora.TARGETS)})
-    t = train.Trainer(run, jax.devices()[: dp * mp])
-    return run, t, jax.jit(train.make_step(run, t.cfg, None)[1])
+    """The sharded Trainer for a mesh and the plain step, each compiled once for every example."""
+    run = dataclasses.replace(LORA_RUN, cores_per_replica=mp, per_replica_batch=8 // dp)
+    return run, train.Trainer(run, jax.devices()[: dp * mp]), plain_step(LORA_RUN)
 
 
 @pytest.mark.parametrize("dp, mp", [(2, 2), (1, 4), (2, 4)])
