@@ -41,6 +41,9 @@ def export(src, dst, force=False):
     cfg = ckpt.meta_config(meta, os.path.join(path, "meta.json"))
     tensors = {}
     for target in info["targets"]:
+        missing = [x for x in "ab" if f"params.h.{target}.lora_{x}" not in sources]
+        if missing:
+            raise ValueError(f"{path}: no params.h.{target}.lora_{missing[0]}, which its meta.json names: damaged")
         a, b = (sources[f"params.h.{target}.lora_{x}"] for x in "ab")
         a, b = (read(ckpt._full(shape), np.float32) for shape, _, read in (a, b))
         for i in range(cfg.n_layer):
