@@ -27,7 +27,8 @@ LORA = dict(lora_rank=4, lora_alpha=8.0, lora_targets="q_proj,v_proj,fc_out", sa
 
 
 def random_params(cfg, seed):
-    """Every base leaf random (LayerNorms and biases too), weights with std 1/sqrt(in)."""
+    """Every base leaf random (LayerNorms and biases too), weights with std 1/sqrt(in): from the shapes table, so
+    that a property example draws a base in microseconds."""
     rng = np.random.default_rng(seed)
     leaves = {name: (rng.standard_normal(shape) / math.sqrt(shape[-2] if len(shape) > 1 else 5)).astype(np.float32)
               for name, shape in gptj.param_shapes(cfg).items()}
@@ -61,9 +62,10 @@ def adapters_of(model_dir):
     return meta, {k: read(ckpt._full(shape), np.float32) for k, (shape, _, read) in sources.items()}
 
 
-def test_step_zero_is_the_base_and_training_moves_only_the_adapters(tmp_path, corpus, base):
+def test_step_zero_is_the_base_and_training_moves_only_the_adapters(tmp_path, corpus, base, capsys):
     base_path, base_params = base
-    run = make_run(tmp_path, corpus, base_path, total_steps=6, lr=1e-2, warmup_steps=0, val_every=0)
+    run = make_run(tmp_path, corpus, base_path, total_steps=6, lr=1e-2, warmup_steps=0, val_every=0,
+                   sample_tokens=8)  # the final sample runs through the adapters beside the frozen base
     t = train.Trainer(run, jax.devices()[:1])
     state = t.init_state(jax.random.PRNGKey(0))
     assert not any(np.any(b) for b in jax.tree.leaves({k: v["lora_b"] for k, v in state["params"]["h"].items()}))
@@ -74,6 +76,7 @@ def test_step_zero_is_the_base_and_training_moves_only_the_adapters(tmp_path, co
                                   gptj.forward(base_params, tokens, CFG)[0])  # B = 0: the base model exactly
 
     train.train(run, jax.devices()[:1])
+    assert "sample:" in capsys.readouterr().out
     losses = [json.loads(line)["loss"] for line in open(os.path.join(run.model_dir, "metrics.jsonl"))]
     assert losses[-1] < losses[0] - 0.1, losses
     meta, saved = adapters_of(run.model_dir)
@@ -293,8 +296,10 @@ def test_bad_lora_input_is_one_line(tmp_path, corpus, base, capsys):
     ckpt.main([str(tmp_path / "wide"), str(tmp_path / "wide_peft"), "--to", "peft"])
     assert train.main(flags + ["--lora_from", str(tmp_path / "wide_peft"), "--lora_targets", "q_proj"]) == 1
     assert "the adapter does not fit this base" in capsys.readouterr().err
-    # Resuming over another base: its fingerprint differs.
-    train.main(flags + ["--total_steps", "1"])
+    # Resuming with the same targets named in another order is the same run; over another base it is refused.
+    assert train.main(flags + ["--total_steps", "1"]) == 0
+    assert train.main(flags + ["--total_steps", "2", "--lora_targets", "fc_out,v_proj,q_proj"]) == 0
+    assert "resumed from" in capsys.readouterr().err
     other_base = tmp_path / "other_base"
     ckpt.save(other_base, {"params": random_params(CFG, 5)}, CFG)
     assert train.main(flags + ["--total_steps", "2", "--init_from", str(other_base)]) == 1
