@@ -9,7 +9,6 @@ The params are a nested dict declared once, in PARAMS below.
 """
 import dataclasses
 import math
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -161,11 +160,13 @@ def apply_rotary(x, sin, cos):
 
 
 def attention(q, k, v, mask):
-    """q [batch, seq, heads, d_head], k/v [batch, keys, heads, d_head], mask [batch, seq, keys] -> like q."""
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
+    """q [batch, heads, seq, d_head], k/v [batch, heads, keys, d_head], mask [batch, seq, keys] -> [batch, seq,
+    heads, d_head]. Heads-major, so that both products batch over leading axes: XLA:CPU transposes any
+    other layout first, which made a decoding step's attention over the cache 5x slower."""
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
     scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    return jnp.einsum("bhqk,bhkd->bqhd", probs, v)
 
 
 def dense(x, p):
@@ -179,7 +180,7 @@ def block(x, p, cfg: Config, sin, cos, mask, kv=None, index=None, mp=None, linea
 
     With `mp`, p holds this device's heads and d_ff slice; the two partial branch outputs are summed and
     all-reduced together with one psum (the parallel residual allows it), then fc_out's bias added once.
-    kv: this layer's cache (k, v) [batch, cache_len, heads, d_head] to write at `index` and attend over.
+    kv: this layer's cache (k, v) [batch, heads, cache_len, d_head]; row b writes at slot index[b] onwards.
     """
     dt = x.dtype
     B, T, _ = x.shape
@@ -187,11 +188,11 @@ def block(x, p, cfg: Config, sin, cos, mask, kv=None, index=None, mp=None, linea
     # before computing a weight gradient, a copy per matmul (a third of the lm_head's backward pass).
     h = layer_norm(x, p["ln_1"], cfg.layer_norm_eps).astype(dt).reshape(B * T, -1)
     q, k, v = (linear(h, p[n]).reshape(B, T, -1, cfg.d_head) for n in ("q_proj", "k_proj", "v_proj"))
-    q, k = apply_rotary(q, sin, cos), apply_rotary(k, sin, cos)
+    q, k, v = (x.transpose(0, 2, 1, 3) for x in (apply_rotary(q, sin, cos), apply_rotary(k, sin, cos), v))
     if kv is not None:
-        k = lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
-        v = lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
-        kv = (k, v)
+        # Each row writes at its own position: rows of one batch may be at different points of their text.
+        write = jax.vmap(lambda cache, new, i: lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), i, 1))
+        k, v = kv = (write(kv[0], k, index), write(kv[1], v, index))
     attn = linear(attention(q, k.astype(dt), v.astype(dt), mask).reshape(B * T, -1), p["out_proj"])
     ff = linear(jax.nn.gelu(linear(h, p["fc_in"]) + p["fc_in"]["bias"].astype(dt), approximate=True), p["fc_out"])
     return x + _psum(attn + ff, mp).reshape(B, T, -1) + p["fc_out"]["bias"].astype(dt), kv
@@ -207,30 +208,26 @@ def embed(wte, tokens, mp=None):
     return _psum(jnp.where(owned[..., None], wte[jnp.clip(local, 0, rows - 1)], 0), mp)
 
 
-def forward(params, tokens, cfg: Config, *, start=None, cache=None, mp=None, linear=dense):
+def forward(params, tokens, cfg: Config, *, cache=None, mp=None, linear=dense):
     """tokens [batch, seq] int -> (logits [batch, seq, n_vocab] fp32, updated cache or None).
 
     params["h"] is stacked (run with lax.scan) or a list of per-layer dicts (run unrolled; the cache then
-    per_layer too).
-    start [batch]: number of left-padding tokens per row (default 0); position = slot - start, and padding
-    is never attended to. Without a cache, seq is at most n_ctx. cache: from init_cache; the tokens are
-    written after cache["length"] slots, which must leave room for them: inside jit that cannot raise, so
-    an overflowing call returns NaN logits rather than silently overwritten keys. With `mp`, logits are this
-    device's vocab slice. linear(x, p): how each layer projection is computed from its params (default dense).
+    per_layer too). Without a cache, seq is at most n_ctx. cache: from init_cache; row b's tokens take the
+    positions and slots from cache["length"][b] on, so the rows of a batch can be at different points of
+    their texts. Each row must have room for the tokens: inside jit that cannot raise, so an overflowing row
+    gets NaN logits rather than silently overwritten keys. With `mp`, logits are this device's vocab slice.
+    linear(x, p): how each layer projection is computed from its params (default dense).
     """
     B, T = tokens.shape
-    n_slots = T if cache is None else jax.tree.leaves(cache["k"])[0].shape[-3]
+    n_slots = T if cache is None else jax.tree.leaves(cache["k"])[0].shape[-2]
     if T > (cfg.n_ctx if cache is None else n_slots):
         raise ValueError(f"{T} tokens do not fit " + (f"the context of {cfg.n_ctx}" if cache is None else
                                                       f"a cache of {n_slots} slots"))
     dt = jnp.dtype(cfg.dtype)
-    start = jnp.zeros((B,), jnp.int32) if start is None else start
-    offset = 0 if cache is None else cache["length"]
-    slots = offset + jnp.arange(T)  # [seq]
-    keys = jnp.arange(n_slots)  # [slots]: with a cache, all its slots
-    mask = (keys[None, None, :] <= slots[None, :, None]) & (keys[None, None, :] >= start[:, None, None])
-    positions = jnp.clip(slots[None, :] - start[:, None], 0, cfg.n_ctx - 1)  # [batch, seq]
-    sin, cos = (jnp.asarray(t)[positions] for t in rotary_table(cfg))
+    offset = jnp.zeros((B,), jnp.int32) if cache is None else cache["length"]  # [batch]
+    slots = offset[:, None] + jnp.arange(T)  # [batch, seq]: a token's slot is its position
+    mask = jnp.arange(n_slots)[None, None, :] <= slots[:, :, None]  # [batch, seq, slots]
+    sin, cos = (jnp.asarray(t)[jnp.clip(slots, 0, cfg.n_ctx - 1)] for t in rotary_table(cfg))
 
     def layer(x, inputs):
         p, kv = inputs
@@ -255,19 +252,19 @@ def forward(params, tokens, cfg: Config, *, start=None, cache=None, mp=None, lin
     logits = jnp.dot(x, head["weight"].astype(dt), preferred_element_type=jnp.float32) + head["bias"]
     logits = logits.reshape(B, T, -1)
     if cache is not None:
-        logits = jnp.where(offset + T <= n_slots, logits, jnp.nan)
+        logits = jnp.where((offset + T <= n_slots)[:, None, None], logits, jnp.nan)
         cache = {"k": kv[0], "v": kv[1], "length": offset + T}
     return logits, cache
 
 
 def init_cache(cfg: Config, batch: int, length: int | None = None, dtype=None, per_layer=False) -> dict:
-    """Fixed-size KV cache: k, v [n_layer, batch, length, n_head, d_head] (per_layer: lists of n_layer
-    [batch, length, n_head, d_head], for per-layer weights) and the number of filled slots."""
-    shape = (batch, length or cfg.n_ctx, cfg.n_head, cfg.d_head)
+    """Fixed-size KV cache: k, v [n_layer, batch, n_head, length, d_head] (per_layer: lists of n_layer
+    [batch, n_head, length, d_head], for per-layer weights) and each row's number of filled slots [batch]."""
+    shape = (batch, cfg.n_head, length or cfg.n_ctx, cfg.d_head)
     dtype = dtype or cfg.dtype
     zeros = (lambda: [jnp.zeros(shape, dtype) for _ in range(cfg.n_layer)]) if per_layer else (
         lambda: jnp.zeros((cfg.n_layer,) + shape, dtype))
-    return {"k": zeros(), "v": zeros(), "length": jnp.zeros((), jnp.int32)}
+    return {"k": zeros(), "v": zeros(), "length": jnp.zeros((batch,), jnp.int32)}
 
 
 def cross_entropy(logits, targets, z_loss=0.0, mp=None):

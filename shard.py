@@ -107,10 +107,10 @@ def param_specs(params=None) -> dict:
 
 def cache_specs(cache) -> dict:
     """KV cache split over dp by rows and over mp by heads, stacked or per layer."""
-    kv = P(DP, None, MP, None)
+    kv = P(DP, MP, None, None)
     if isinstance(cache["k"], list):
-        return {"k": [kv] * len(cache["k"]), "v": [kv] * len(cache["v"]), "length": P()}
-    return {"k": P(None, *kv), "v": P(None, *kv), "length": P()}
+        return {"k": [kv] * len(cache["k"]), "v": [kv] * len(cache["v"]), "length": P(DP)}
+    return {"k": P(None, *kv), "v": P(None, *kv), "length": P(DP)}
 
 
 def zero_spec(spec: P, shape, dp: int) -> P:
@@ -136,20 +136,19 @@ def place_params(params, mesh: Mesh):
     return place(params, mesh, param_specs(params))
 
 
-def forward(params, tokens, cfg: gptj.Config, mesh: Mesh, start=None, cache=None, linear=gptj.dense):
+def forward(params, tokens, cfg: gptj.Config, mesh: Mesh, cache=None, linear=gptj.dense):
     """gptj.forward on the mesh: logits [batch, seq, n_vocab] split over (dp, -, mp); cache split likewise."""
     check(cfg, mesh, tokens.shape[0])
-    start = jnp.zeros(tokens.shape[:1], jnp.int32) if start is None else start
 
-    def local(params, tokens, start, cache):
-        return gptj.forward(params, tokens, cfg, start=start, cache=cache, mp=MP, linear=linear)
+    def local(params, tokens, cache):
+        return gptj.forward(params, tokens, cfg, cache=cache, mp=MP, linear=linear)
 
     cache_spec = None if cache is None else cache_specs(cache)
     return jax.shard_map(
         local, mesh=mesh,
-        in_specs=(param_specs(params), P(DP, None), P(DP), cache_spec),
+        in_specs=(param_specs(params), P(DP, None), cache_spec),
         out_specs=(P(DP, None, MP), cache_spec),
-    )(params, tokens, start, cache)
+    )(params, tokens, cache)
 
 
 def loss_fn(params, tokens, cfg: gptj.Config, mesh: Mesh, mask=None, z_loss=0.0, linear=gptj.dense):

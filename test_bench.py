@@ -26,3 +26,16 @@ def test_accelerator_script_prints_every_figure():
     bad = subprocess.run(["bash", os.path.join(ROOT, "bench", "accelerator.sh"), "--huge"], capture_output=True,
                          text=True)
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+def test_load_probe_reports_the_server_under_load_against_a_request_alone():
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "load.py"), "--preset", "tiny", "--requests", "4",
+                          "--max_tokens", "6", "--interval", "0.005"], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "XLA_FLAGS": ""})
+    assert res.returncode == 0, res.stderr
+    got = json.loads(res.stdout.splitlines()[-1])
+    assert got["requests"] == 4 and got["max_tokens"] == 6 and isinstance(got["goals_met"], bool)
+    for k in ("ttft_p50_s", "ttft_p90_s", "ttft_alone_s", "latency_p50_s", "latency_alone_s", "tokens_per_s",
+              "one_stream_tokens_per_s", "ttft_p90_vs_alone", "latency_p50_vs_alone", "throughput_vs_one_stream"):
+        assert got[k] > 0, k
+    assert got["ttft_p50_s"] <= got["ttft_p90_s"] and got["ttft_alone_s"] < got["latency_alone_s"]

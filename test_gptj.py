@@ -186,7 +186,7 @@ def test_inputs_that_do_not_fit_are_refused_or_poisoned():
         fwd(jnp.zeros((1, 9), jnp.int32), cache)
     logits, cache = fwd(jnp.arange(7)[None], cache)
     logits, cache = fwd(jnp.ones((1, 1), jnp.int32), cache)  # the last free slot
-    assert np.isfinite(logits).all() and int(cache["length"]) == 8
+    assert np.isfinite(logits).all() and int(cache["length"][0]) == 8
     logits, _ = fwd(jnp.ones((1, 1), jnp.int32), cache)
     assert np.isnan(logits).all()
     rows = gptj.embed(params["wte"], jnp.asarray([-1, CFG.n_vocab, 3]))
@@ -260,11 +260,11 @@ def test_sharded_loss_grads_and_logits_equal_unsharded(dp, mp, data):
         assert close(g, w), f"gradient of {jax.tree_util.keystr(path)} differs"
 
 
-@partial(jax.jit, static_argnums=(4, 5))
-def cached_forward(params, tokens, start, cache, cfg, mesh):
+@partial(jax.jit, static_argnums=(3, 4))
+def cached_forward(params, tokens, cache, cfg, mesh):
     if mesh is None:
-        return gptj.forward(params, tokens, cfg, start=start, cache=cache)
-    return shard.forward(params, tokens, cfg, mesh, start, cache)
+        return gptj.forward(params, tokens, cfg, cache=cache)
+    return shard.forward(params, tokens, cfg, mesh, cache)
 
 
 @partial(jax.jit, static_argnums=1)
@@ -276,15 +276,16 @@ def full_logits(params, cfg, tokens):
                                                (1, 4, False), (4, 2, True), (1, 8, False)])
 @given(data=st.data())
 def test_kv_cache_decoding_equals_full_forward(dp, mp, per_layer, data):
-    """Prefill a left-padded batch, decode one token per step: every slot's logits equal those of the row
-    alone, unpadded, through the plain full forward."""
+    """Rows at different positions, as a server's batch holds them: a right-padded prefill, then each row's
+    cache length set back to its own prompt's, then one token per step, each row from its own position.
+    Every row's logits equal those of the row alone through the plain full forward."""
     cfg = mesh_config(mp)
     seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
     rng = np.random.default_rng(seed)
-    B, T, prefill = 2 * dp, 8, data.draw(st.sampled_from([4, 6]), label="prefill length")  # two compiled shapes
+    B, T, prefill, steps = 2 * dp, 9, data.draw(st.sampled_from([4, 6]), label="prefill length"), 3  # two shapes
     params = random_params(cfg, seed)
-    start = np.asarray(data.draw(st.lists(st.integers(0, prefill - 1), min_size=B, max_size=B), label="padding"),
-                       np.int32)
+    lengths = np.asarray(data.draw(st.lists(st.integers(1, prefill), min_size=B, max_size=B), label="prompts"),
+                         np.int32)
     tokens = token_ids(data.draw, cfg, (B, T), rng)
     # per_layer: weights and cache as lists of layers, the unrolled path that decoding uses
     placed = dict(params, h=[jax.tree.map(lambda x: x[i], params["h"]) for i in range(cfg.n_layer)]) \
@@ -292,18 +293,25 @@ def test_kv_cache_decoding_equals_full_forward(dp, mp, per_layer, data):
     mesh = None if dp * mp == 1 else shard.make_mesh(dp, mp)
     if mesh is not None:
         placed = shard.place(placed, mesh, shard.param_specs(placed))
-    cache = gptj.init_cache(cfg, B, cfg.n_ctx, per_layer=per_layer)
-    outs = []
-    for lo, hi in [(0, prefill)] + [(t, t + 1) for t in range(prefill, T)]:
-        out, cache = cached_forward(placed, jnp.asarray(tokens[:, lo:hi], jnp.int32), jnp.asarray(start), cache,
+    cache = gptj.init_cache(cfg, B, prefill + steps, per_layer=per_layer)
+    out, cache = cached_forward(placed, jnp.asarray(tokens[:, :prefill], jnp.int32), cache, cfg, mesh)
+    got = [np.asarray(out)]
+    assert (np.asarray(cache["length"]) == prefill).all()
+    cache = {**cache, "length": jnp.asarray(lengths)}  # forget the padding after each prompt
+    for i in range(steps):
+        out, cache = cached_forward(placed, jnp.asarray(tokens[np.arange(B), lengths + i][:, None], jnp.int32), cache,
                                     cfg, mesh)
-        outs.append(out)
-    got = np.asarray(jnp.concatenate(outs, axis=1))
-    # Row b's own tokens moved to the front (the causal mask makes what follows them irrelevant).
-    unpadded = np.stack([np.roll(tokens[b], -start[b]) for b in range(B)])
-    want = np.asarray(full_logits(params, cfg, jnp.asarray(unpadded, jnp.int32)))
+        got.append(np.asarray(out))
+    assert (np.asarray(cache["length"]) == lengths + steps).all()
+    want = np.asarray(full_logits(params, cfg, jnp.asarray(tokens, jnp.int32)))
     for b in range(B):
-        assert close(got[b, start[b]:], want[b, : T - start[b]]), f"row {b} (start {start[b]}) differs"
+        assert close(got[0][b, :lengths[b]], want[b, :lengths[b]]), f"row {b}: prefill differs"
+        for i in range(steps):
+            assert close(got[1 + i][b, 0], want[b, lengths[b] + i]), f"row {b} (prompt {lengths[b]}) step {i} differs"
+    # A row with no room left gets NaN logits, the others are untouched.
+    full = {**cache, "length": jnp.zeros(B, jnp.int32).at[0].set(prefill + steps)}
+    out, _ = cached_forward(placed, jnp.zeros((B, 1), jnp.int32), full, cfg, mesh)
+    assert np.isnan(np.asarray(out[0])).all() and np.isfinite(np.asarray(out[1:])).all()
 
 
 def test_gptj_py_runs_alone(tmp_path):

@@ -1,0 +1,322 @@
+"""decode.py: cached generation against full recomputation (rows at different positions, on one device and a
+mesh, compiled loop and stepwise), the finish rule, penalties and logit bias, logprobs, sampling filters as
+properties, and streamed text. test_serve.py and test_score.py share this file's tiny model."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import data
+import decode
+import gptj
+import shard
+
+CFG = gptj.Config(n_vocab=50304, n_ctx=64, d_model=32, n_layer=2, n_head=4, rotary_dim=4)
+ENC = data.tokenizer()
+EOT = data.EOT
+PROMPTS = [[464, 2068, 7586], [40, 716, 257, 1310, 5509, 286, 1110, 13], [50256]]  # three lengths
+
+
+@pytest.fixture(scope="module")
+def params():
+    return gptj.init_params(CFG, jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def layered(params):
+    """Per-layer weights, as the command line and the server use them."""
+    return decode.unstack(params)
+
+
+@pytest.fixture(scope="module")
+def mesh_params(params):
+    mesh = shard.make_mesh(2, 2)
+    return decode.unstack(shard.place_params(params, mesh)), mesh
+
+
+@jax.jit
+def _full_forward(params, tokens):
+    return jax.nn.log_softmax(gptj.forward(params, tokens, CFG)[0][0])
+
+
+def log_probs(params, ids):
+    """Log-probabilities [len(ids), n_vocab] from one full forward without a cache. The ids are right-padded
+    to the context, which cannot change the earlier positions (causal), so this compiles once."""
+    return _full_forward(params, jnp.array([list(ids) + [0] * (CFG.n_ctx - len(ids))]))[:len(ids)]
+
+
+def recompute_greedy(params, ids, n, eot=None, presence=0.0, frequency=0.0, bias=None):
+    """The slow, obviously right way: a full forward over the whole sequence, no cache, for every token;
+    OpenAI's penalties and logit bias applied in numpy."""
+    ids, out = list(ids), []
+    for _ in range(n):
+        logits = np.asarray(log_probs(params, ids)[-1, :decode.VOCAB], np.float64)
+        counts = np.bincount(out, minlength=decode.VOCAB)[:decode.VOCAB]
+        logits = logits - counts * frequency - (counts > 0) * presence
+        for t, v in (bias or {}).items():
+            logits[t] += v
+        token = int(np.argmax(logits))
+        if token == eot:
+            break
+        out.append(token)
+        ids.append(token)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(params):
+    return [recompute_greedy(params, p, 10) for p in PROMPTS]
+
+
+def sampled_rows(seed=1, max_new=10):
+    return [decode.Row(p, max_new, 1.0, 50, 0.9, (seed, i)) for i, p in enumerate(PROMPTS)]
+
+
+# ---------------------------------------------------------------- generation
+
+def test_cached_batch_of_prompts_of_three_lengths_equals_recomputing_each(params, layered, reference):
+    rows = [decode.Row(p, 10) for p in PROMPTS]
+    assert decode.complete(layered, CFG, rows) == reference
+    assert decode.complete(params, CFG, rows) == reference  # stacked weights: gptj.forward itself
+
+
+def test_sharded_generation_equals_unsharded(params, layered, mesh_params, reference):
+    sharded, mesh = mesh_params
+    assert decode.complete(sharded, CFG, [decode.Row(p, 10) for p in PROMPTS], mesh=mesh) == reference
+    # As train.py samples: stacked weights placed on a (dp, mp) mesh, one row padded to a batch dp divides.
+    stacked, want = shard.place_params(params, mesh), decode.complete(layered, CFG, sampled_rows())
+    assert decode.complete(stacked, CFG, sampled_rows(), mesh=mesh) == want
+    assert decode.complete(stacked, CFG, sampled_rows()[1:2], mesh=mesh) == want[1:2]
+
+
+def test_stepwise_path_equals_compiled_loop(layered, mesh_params, reference):
+    rows, each_step = [decode.Row(p, 10) for p in PROMPTS], lambda *a: None
+    assert decode.complete(layered, CFG, rows, on_step=each_step) == reference
+    sampled = decode.complete(layered, CFG, sampled_rows())
+    assert decode.complete(layered, CFG, sampled_rows(), on_step=each_step) == sampled
+    sharded, mesh = mesh_params
+    assert decode.complete(sharded, CFG, rows, mesh=mesh, on_step=each_step) == reference
+
+
+def test_rows_stop_at_eot_or_their_own_limit(params, layered, reference):
+    eot = reference[0][2]  # pretend that the first row's 3rd token is <|endoftext|>
+    rows = [decode.Row(p, n) for p, n in zip(PROMPTS, (10, 4, 7))]
+    want = [recompute_greedy(params, p, n, eot) for p, n in zip(PROMPTS, (10, 4, 7))]
+    assert want[0] == reference[0][:reference[0].index(eot)]
+    assert decode.complete(layered, CFG, rows, eot=eot) == want
+    assert decode.complete(layered, CFG, rows, eot=eot, on_step=lambda *a: None) == want
+
+
+def test_on_step_can_stop_a_row(layered, reference):
+    def stop_first_after_two(tok, new, done):
+        stop_first_after_two.steps += 1
+        if stop_first_after_two.steps == 2:
+            done[0] = True
+    stop_first_after_two.steps = 0
+    got = decode.complete(layered, CFG, [decode.Row(p, 10) for p in PROMPTS], on_step=stop_first_after_two)
+    assert got == [reference[0][:2]] + reference[1:]
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(layered):
+    a, b = decode.complete(layered, CFG, sampled_rows()), decode.complete(layered, CFG, sampled_rows())
+    assert a == b and a != decode.complete(layered, CFG, sampled_rows(seed=2))
+    assert decode.complete(layered, CFG, sampled_rows()[1:2]) == a[1:2]
+
+
+def test_generate_is_compiled_once_per_shape(layered):
+    rows = [decode.Row([EOT] * n, 16) for n in (3, 1, 4, 2)]
+    tokens, lengths, knobs, limit, steps = decode.pack(rows, n_vocab=CFG.n_vocab)
+    kw = dict(mesh=None)  # as complete() passes it: a call signature of its own retraces
+    decode.generate(layered, tokens, lengths, knobs, limit, CFG, steps, eot=EOT, **kw)
+    before = decode.generate._cache_size()
+    other = [decode.Row([7] * n, n, 0.5, 3, 0.5, (1, 2), 0.5, -1.0, {5: 3.0}) for n in (16, 2, 9, 1)]
+    tokens, lengths, knobs, limit, steps = decode.pack(other, n_vocab=CFG.n_vocab)
+    decode.generate(layered, tokens, lengths, knobs, limit, CFG, steps, eot=7, **kw)
+    assert decode.generate._cache_size() == before  # new prompts, settings, limits, eot: no recompile
+
+
+def test_prompt_beyond_the_context_or_vocabulary_is_refused(layered):
+    with pytest.raises(ValueError, match="exceeds the context of 64"):
+        decode.complete(layered, CFG, [decode.Row(list(range(60)), 5)])
+    for ids in ([-1, 3], [3, CFG.n_vocab]):
+        with pytest.raises(ValueError, match=r"ids in \[0, 50304\)"):
+            decode.complete(layered, CFG, [decode.Row(ids, 5)])
+
+
+# ---------------------------------------------------------------- sampling filters
+
+@jax.jit
+def filtered(logits, top_k, top_p):
+    return decode.filter_logits(logits, top_k, top_p)
+
+
+@st.composite
+def logits_and_filters(draw):
+    """[4, 24] logits from a coarse grid, so ties are common; 0 or more padding-like -inf entries."""
+    values = st.one_of(st.integers(-40, 40).map(lambda v: v / 4), st.just(-np.inf))
+    logits = np.array(draw(st.lists(values, min_size=96, max_size=96)), np.float32).reshape(4, 24)
+    logits[:, 0] = np.maximum(logits[:, 0], -10)  # every row has a finite logit
+    top_k = draw(st.lists(st.integers(0, 30), min_size=4, max_size=4))
+    top_p = draw(st.lists(st.floats(0.01, 1.0), min_size=4, max_size=4))
+    return logits, np.array(top_k), np.array(top_p, np.float32)
+
+
+@settings(max_examples=150)
+@given(logits_and_filters())
+def test_filter_keeps_argmax_mass_p_and_only_top_k(case):
+    logits, top_k, top_p = case
+    kept = np.isfinite(np.asarray(filtered(logits, top_k, top_p)))
+    for row, keep, k, p in zip(logits, kept, top_k, top_p):
+        assert keep[row.argmax()]
+        kth = np.sort(row)[::-1][min(k, len(row)) - 1] if k else -np.inf
+        assert (row[keep] >= kth).all()  # nothing outside the top k (ties with the k-th included)
+        probs = np.exp(row - row.max()) * (row >= kth)
+        mass = probs[keep].sum() / probs.sum()
+        assert mass >= p - 1e-5
+        # and the fewest such: without its smallest kept logits the mass would fall short of p
+        assert keep.sum() == 1 or probs[keep & (row > row[keep].min())].sum() / probs.sum() < p + 1e-5
+
+
+@settings(max_examples=25)
+@given(st.integers(1, 16), st.floats(0.0, 3.0), st.integers(0, 20), st.floats(0.05, 1.0), st.integers(0, 2**31 - 1))
+def test_padded_vocabulary_is_never_sampled(vocab, temperature, top_k, top_p, seed):
+    # Padding ids get the largest logits, so any leak through the mask would show at once.
+    logits = jnp.where(jnp.arange(24) < vocab, jax.random.normal(jax.random.key(seed), (4, 24)), 50.0)
+    keys = np.stack([np.full(4, seed, np.uint32), np.arange(4, dtype=np.uint32)], 1)
+    full = lambda x: jnp.full(4, x)
+    tokens = sampled_token(logits, keys, full(temperature), full(top_k), full(top_p), vocab)
+    assert (np.asarray(tokens) < vocab).all()
+
+
+@jax.jit
+def sampled_token(logits, keys, temperature, top_k, top_p, vocab, presence=0.0, frequency=0.0, bias=None, counts=None):
+    B, V = logits.shape
+    full = lambda x: jnp.broadcast_to(jnp.asarray(x, jnp.float32), (B,))
+    knobs = {"key": keys, "temperature": temperature, "top_k": top_k, "top_p": top_p, "presence": full(presence),
+             "frequency": full(frequency), "biased": jnp.full(B, bias is not None),
+             "bias": jnp.zeros((B, V)) if bias is None else bias}
+    counts = jnp.zeros((B, V), jnp.int32) if counts is None else counts
+    return decode.sample_logits(logits, knobs, jnp.full(B, 3), counts, vocab)
+
+
+def test_extreme_settings_stay_in_the_vocabulary():
+    """An infinite temperature draws uniformly from the real vocabulary (-inf / inf must not become NaN), and
+    a top_k beyond int32 keeps everything."""
+    logits = jnp.where(jnp.arange(24) < 5, jax.random.normal(jax.random.key(0), (4, 24)), 50.0)
+    keys = np.stack([np.arange(4, dtype=np.uint32), np.arange(4, dtype=np.uint32)], 1)
+    for top_p in (1.0, 0.5):
+        tokens = sampled_token(logits, keys, jnp.full(4, jnp.inf), jnp.zeros(4, jnp.int32), jnp.full(4, top_p), 5)
+        assert (np.asarray(tokens) < 5).all()
+    assert decode.knobs([decode.Row([1], 1, 1.0, 2**40, 1.0)], 8)["top_k"][0] == 2**31 - 1
+
+
+def test_sampling_follows_the_filtered_distribution():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
+    keys = np.stack([np.zeros(4000, np.uint32), np.arange(4000, dtype=np.uint32)], 1)
+    ones = jnp.ones(4000)
+    counts = lambda t: np.bincount(np.asarray(t), minlength=4) / 4000
+    assert np.allclose(counts(sampled_token(logits, keys, ones, 0 * ones, ones, 4)), [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    top2 = [0.625, 0.375, 0, 0]
+    assert np.allclose(counts(sampled_token(logits, keys, ones, 2 + 0 * ones, ones, 4)), top2, atol=0.03)
+    assert np.allclose(counts(sampled_token(logits, keys, ones, 0 * ones, 0.7 * ones, 4)), top2, atol=0.03)
+    assert (counts(sampled_token(logits, keys, 0 * ones, 0 * ones, ones, 4)) == [1, 0, 0, 0]).all()
+
+
+def test_text_holds_back_stop_prefixes_and_split_characters():
+    ids = ENC.encode("Hello wörld 😀 and so on. The end")
+    text, deltas = decode.Text(ENC, ["so on", "XYZ"]), []
+    for t in ids:
+        deltas.append(text.add(t))
+        assert "\ufffd" not in deltas[-1] and not "".join(deltas).endswith(" so")
+    deltas.append(text.flush())
+    assert text.stopped and "".join(deltas) == text.text == "Hello wörld 😀 and "
+
+
+@settings(max_examples=200)
+@given(st.lists(st.integers(0, decode.VOCAB - 2), max_size=12), st.lists(st.text(max_size=3), max_size=2))
+def test_streamed_text_adds_up_to_the_decoded_tokens(ids, stops):
+    text = decode.Text(ENC, stops)
+    shown = "".join(text.add(t) for t in ids) + text.flush()
+    whole = ENC.decode(ids)
+    cut = min([whole.find(s) for s in stops if s and s in whole], default=len(whole))
+    assert shown == text.text == whole[:cut] and text.stopped == (cut < len(whole))
+
+
+# ---------------------------------------------------------------- penalties, logit bias, logprobs, the finish rule
+
+def test_penalties_and_logit_bias_as_openai_defines_them(params, layered):
+    """Greedy decoding with OpenAI's adjustments equals recomputing with them applied in numpy, on the compiled
+    loop and the stepwise path alike; a row without them in the same batch is unchanged."""
+    settings_ = [dict(frequency=1.5), dict(presence=2.0), dict(presence=-1.0, frequency=0.5),
+                 dict(bias={PROMPTS[0][0]: 100.0}), dict(bias={t: -100.0 for t in recompute_greedy(params, PROMPTS[1], 3)})]
+    for kw in settings_:
+        rows = [decode.Row(PROMPTS[1], 10, **kw), decode.Row(PROMPTS[0], 10)]
+        want = [recompute_greedy(params, PROMPTS[1], 10, **kw), recompute_greedy(params, PROMPTS[0], 10)]
+        assert decode.complete(layered, CFG, rows) == want, kw
+        assert decode.complete(layered, CFG, rows, on_step=lambda *a: None) == want, kw
+    assert decode.complete(layered, CFG, [decode.Row(PROMPTS[0], 4, bias={PROMPTS[0][0]: 100.0})]) == [[464] * 4]
+
+
+def test_sampled_penalties_follow_the_shifted_distribution():
+    logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
+    keys = np.stack([np.zeros(4000, np.uint32), np.arange(4000, dtype=np.uint32)], 1)
+    ones = jnp.ones(4000)
+    counts = jnp.zeros((4000, 4), jnp.int32).at[:, 0].set(2)  # token 0 generated twice so far
+    freq = np.bincount(np.asarray(sampled_token(logits, keys, ones, 0 * ones, ones, 4, 0.25, 0.5, None, counts)), minlength=4)
+    want = np.array([0.5, 0.3, 0.15, 0.05]) * np.exp([-1.25, 0, 0, 0])
+    assert np.allclose(freq / 4000, want / want.sum(), atol=0.03)
+
+
+def test_logprobs_are_the_models_own_and_ties_compare_equal():
+    logits = jax.random.normal(jax.random.key(3), (5, 7, 300)) * 4
+    targets = jnp.asarray(np.random.default_rng(0).integers(0, 300, (5, 7)))
+    got = jax.jit(decode.token_logprobs, static_argnums=2)(logits, targets, 5)
+    want = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float64) if jax.config.x64_enabled else logits))
+    assert np.allclose(got["logprob"], np.take_along_axis(want, np.asarray(targets)[..., None], -1)[..., 0], atol=1e-5)
+    assert (np.asarray(got["top_ids"]) == np.argsort(-want, -1)[..., :5]).all()
+    greedy = jax.jit(decode.token_logprobs, static_argnums=2)(logits, logits.argmax(-1), 1)
+    assert (greedy["logprob"] == greedy["top_logprobs"][..., 0]).all()  # lm-evaluation-harness tests greedy by ==
+    assert [decode.top_bucket(k) for k in (0, 1, 2, 3, 5, 17, 20)] == [0, 1, 2, 4, 8, 20, 20]
+
+
+def test_every_token_has_a_distinct_stable_name():
+    names = [decode.token_name(ENC, t) for t in range(CFG.n_vocab)]
+    assert len(set(names)) == CFG.n_vocab
+    assert names[EOT] == "<|endoftext|>" and names[464] == "The" and names[50300] == "<|padding:50300|>"
+    partial = [t for t in range(ENC.n_vocab) if names[t].startswith("bytes:")]
+    assert 300 < len(partial) < 400 and names[447] == "bytes:\\xe2\\x80"
+
+
+def test_one_finish_rule_for_jax_and_numpy():
+    rng = np.random.default_rng(0)
+    tok, n = rng.integers(0, 4, 64).astype(np.int32), rng.integers(0, 5, 64).astype(np.int32)
+    done, limit = rng.random(64) < 0.3, rng.integers(1, 6, 64).astype(np.int32)
+    got = jax.jit(decode.finish)(tok, n, done, limit, 2)
+    want = decode.finish(tok, n, done, limit, 2)
+    assert all((np.asarray(g) == w).all() for g, w in zip(got, want))
+    new, n2, done2 = want
+    assert (new == (~done & (tok != 2))).all() and (done2 == (done | (tok == 2) | (n2 >= limit))).all()
+
+
+@settings(max_examples=50)
+@given(st.lists(st.integers(-3, 3), min_size=8 * 96, max_size=8 * 96))
+def test_two_level_argmax_is_jnp_argmax(values):
+    """Ties are common on this coarse grid: the first index of the maximum, as jnp.argmax."""
+    x = jnp.asarray(np.array(values, np.float32).reshape(8, 96))
+    assert (np.asarray(jax.jit(decode.argmax)(x)) == np.asarray(jnp.argmax(x, -1))).all()
+
+
+def test_inverse_transform_draws_never_pick_a_zero_weight_and_follow_the_weights():
+    rng = np.random.default_rng(0)
+    w = rng.random((4, 1000)).astype(np.float32) * (rng.random((4, 1000)) < 0.3)  # most weights 0
+    w[:, -1] = 0  # the top end is 0: rounding must not land there
+    draw = jax.jit(decode.draw_index, static_argnums=2)
+    edges = np.array([[0, 0], [1 - 2**-24, 1 - 2**-24], [0.5, 1 - 2**-24], [1 - 2**-24, 0]], np.float32)
+    for chunk in (256, 16):
+        got = np.asarray(draw(jnp.asarray(w), jnp.asarray(edges), chunk))
+        assert (w[np.arange(4), got] > 0).all()
+    u = jax.random.uniform(jax.random.key(1), (200_000, 2))
+    picks = np.asarray(draw(jnp.broadcast_to(jnp.asarray(w[0]), (200_000, 1000)), u, 256))
+    freq = np.bincount(picks, minlength=1000) / len(picks)
+    assert np.abs(freq - w[0] / w[0].sum()).max() < 0.004 and (freq[w[0] == 0] == 0).all()

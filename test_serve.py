@@ -1,0 +1,434 @@
+"""serve.py end to end on loopback: OpenAI's completions API against in-process decoding and scoring, the
+`openai` client, lm-evaluation-harness's request shapes, continuous batching, cancellation and bad input."""
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+import decode
+import score
+import serve
+from test_decode import CFG, ENC, EOT, PROMPTS, layered, params, recompute_greedy, reference  # noqa: F401 (fixtures)
+from test_score import LAMBADA, TEXT
+
+
+@pytest.fixture(scope="module")
+def server(layered):
+    server = serve.serve(layered, CFG, "127.0.0.1", 0, slots=8, model_name="tiny")
+    yield server
+    server.close()
+
+
+def url(server, path="/v1/completions"):
+    return f"http://127.0.0.1:{server.server_address[1]}{path}"
+
+
+def post(server, body, raw=False, path="/v1/completions", content_type="application/json"):
+    """-> (status, parsed JSON answer); raw: (status, the SSE data payloads)."""
+    data_ = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(url(server, path), data_, {"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            text, status = r.read().decode(), r.status
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+    if raw:
+        return status, [line[len("data: "):] for line in text.split("\n\n") if line]
+    return status, json.loads(text)
+
+
+def get(server, path):
+    with urllib.request.urlopen(url(server, path), timeout=10) as r:
+        return r.status, json.load(r)
+
+
+def chunks_of(events):
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+def streamed(events, n):
+    """The choices a stream adds up to: text, finish_reason and the logprobs lists joined."""
+    choices = [c for e in chunks_of(events) for c in e["choices"]]
+    out = []
+    for i in range(n):
+        mine = [c for c in choices if c["index"] == i]
+        lp = [c["logprobs"] for c in mine if c["logprobs"]]
+        out.append({"text": "".join(c["text"] for c in mine), "finish_reason": mine[-1]["finish_reason"],
+                    "logprobs": {k: sum((x[k] for x in lp), []) for k in lp[0]} if lp else None})
+        assert all(c["finish_reason"] is None for c in mine[:-1])
+    return out
+
+
+def wait_until(condition, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.005)
+
+
+# ---------------------------------------------------------------- the API
+
+def test_health_models_and_tokenizer(server):
+    assert get(server, "/health") == (200, {"status": "ok"})
+    status, models = get(server, "/v1/models")
+    assert status == 200 and [(m["id"], m["max_model_len"], m["object"]) for m in models["data"]] == [("tiny", 64, "model")]
+    status, info = get(server, "/tokenizer_info")
+    assert status == 200 and info["eos_token"] == "<|endoftext|>"
+    text = "Hello, wörld<|endoftext|>"
+    status, got = post(server, {"prompt": text, "add_special_tokens": False}, path="/tokenize")
+    assert status == 200 and got["tokens"] == ENC.encode(text, allowed_special="all") and got["tokens"][-1] == EOT
+    assert post(server, {"tokens": got["tokens"]}, path="/detokenize") == (200, {"prompt": text})
+    assert post(server, {"tokens": [-1]}, path="/detokenize")[0] == 400
+
+
+def test_completion_matches_generation(server, reference):
+    status, got = post(server, {"prompt": ENC.decode(PROMPTS[0]), "max_tokens": 10, "temperature": 0, "model": "x"})
+    assert status == 200 and got["object"] == "text_completion" and got["model"] == "tiny"
+    choice = {"text": ENC.decode(reference[0]), "index": 0, "logprobs": None, "finish_reason": "length"}
+    assert got["choices"] == [choice]
+    assert got["usage"] == {"prompt_tokens": 3, "completion_tokens": 10, "total_tokens": 13}
+    # All four prompt forms; token ids are taken as they are.
+    for prompt in (PROMPTS[1], [PROMPTS[1], PROMPTS[0]], [ENC.decode(PROMPTS[1]), ENC.decode(PROMPTS[0])]):
+        status, got = post(server, {"prompt": prompt, "max_tokens": 10, "temperature": 0})
+        assert [c["text"] for c in got["choices"]] == [ENC.decode(r) for r in (reference[1], reference[0])][
+            :len(got["choices"])]
+
+
+def test_echo_and_logprobs_are_the_models_own(server, params):
+    ids = ENC.encode_ordinary(TEXT)[:20]
+    body = {"prompt": [ids], "echo": True, "logprobs": 3, "max_tokens": 5, "temperature": 0}
+    status, got = post(server, body)
+    choice, want = got["choices"][0], recompute_greedy(params, ids, 5)
+    lp = choice["logprobs"]
+    assert status == 200 and choice["text"] == ENC.decode(ids + want)
+    assert lp["tokens"] == [decode.token_name(ENC, t) for t in ids + want]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    direct = score.token_scores(params, CFG, [ids + want], k=3)[0]
+    assert np.allclose(lp["token_logprobs"][1:], direct["logprob"], atol=2e-5)
+    for i, top in enumerate(lp["top_logprobs"][1:]):
+        alternatives = {decode.token_name(ENC, int(t)): float(v) for t, v in zip(direct["top_ids"][i],
+                                                                                  direct["top_logprobs"][i])}
+        assert set(alternatives) <= set(top) and len(top) <= 4
+        assert np.allclose([top[n] for n in alternatives], list(alternatives.values()), atol=2e-5)
+    # Greedy: each generated token is the likeliest, with the same float.
+    assert all(t == max(top.values()) for t, top in zip(lp["token_logprobs"][20:], lp["top_logprobs"][20:]))
+    offsets = [len(ENC.decode((ids + want)[:i])) for i in range(25)]
+    assert lp["text_offset"] == offsets
+    # Streamed, the same choice arrives in pieces.
+    status, events = post(server, {**body, "stream": True}, raw=True)
+    assert streamed(events, 1)[0] == {"text": choice["text"], "finish_reason": "length", "logprobs": lp}
+    # max_tokens 0 with echo scores a text without generating; logprobs 0 gives the chosen token alone.
+    status, got = post(server, {"prompt": ids, "echo": True, "logprobs": 0, "max_tokens": 0})
+    assert status == 200 and got["usage"]["completion_tokens"] == 0 and got["choices"][0]["text"] == ENC.decode(ids)
+    tops = got["choices"][0]["logprobs"]["top_logprobs"]
+    assert all(list(top) == [decode.token_name(ENC, t)] for top, t in zip(tops[1:], ids[1:]))
+
+
+def test_lm_evaluation_harness_requests(server, params):
+    """The requests lm-evaluation-harness's local-completions model sends, read the way it reads them
+    (parse_logprobs: token_logprobs[ctxlen:-1], greedy when each equals its top_logprobs' maximum)."""
+    # Its max_length leaves a token for the one it generates: prompts of up to n_ctx - 1 tokens.
+    rows = [score.lambada_row(t, ENC, CFG.n_ctx - 2) for t in LAMBADA]
+    # loglikelihood (and loglikelihood_rolling, which sends its windows the same way): one batch of token ids.
+    body = {"model": "tiny", "prompt": [seq for seq, _ in rows], "temperature": 0, "max_tokens": 1, "logprobs": 1,
+            "seed": 1234, "echo": True}
+    status, got = post(server, body)
+    assert status == 200
+    nll, greedy = score.score_rows(params, CFG, rows)
+    for choice, (seq, n), want_nll, want_greedy in zip(sorted(got["choices"], key=lambda c: c["index"]), rows, nll,
+                                                         greedy):
+        ctxlen = len(seq) - n
+        lps = choice["logprobs"]["token_logprobs"][ctxlen:-1]
+        tops = choice["logprobs"]["top_logprobs"][ctxlen:-1]
+        assert len(choice["logprobs"]["token_logprobs"]) == len(seq) + 1  # exactly one generated entry
+        assert -sum(lps) == pytest.approx(want_nll, rel=1e-5)
+        assert all(t == max(top.values()) for t, top in zip(lps, tops)) == want_greedy
+    windows = score.rolling_windows(ENC.encode_ordinary(TEXT), CFG.n_ctx - 2)
+    status, got = post(server, {**body, "prompt": [seq for seq, _ in windows]})
+    total = sum(sum(c["logprobs"]["token_logprobs"][len(seq) - n:-1]) for c, (seq, n) in zip(got["choices"], windows))
+    assert len(windows) == 3 and -total == pytest.approx(score.score_rows(params, CFG, windows)[0].sum(), rel=1e-5)
+    # generate_until: token ids, greedy, its stop strings with the end-of-text token added.
+    body = {"prompt": [PROMPTS[1]], "model": "tiny", "max_tokens": 12, "temperature": 0,
+            "stop": ["\n\n", "<|endoftext|>"], "seed": 1234}
+    status, got = post(server, body)
+    want = ENC.decode(recompute_greedy(params, PROMPTS[1], 12, eot=EOT))
+    assert status == 200 and got["choices"][0]["text"] == want.split("\n\n")[0]
+
+
+def test_generated_end_of_text_is_reported(server, params):
+    """A row that ends with <|endoftext|> reports it in its logprobs (and counts it), though not in its text."""
+    nudge = {str(EOT): 100.0}  # make the model end at once
+    status, got = post(server, {"prompt": [PROMPTS[0]], "max_tokens": 1, "echo": True, "logprobs": 1,
+                                "temperature": 0, "logit_bias": nudge})
+    choice = got["choices"][0]
+    assert choice["text"] == ENC.decode(PROMPTS[0]) and choice["finish_reason"] == "stop"
+    assert choice["logprobs"]["tokens"][-1] == "<|endoftext|>" and len(choice["logprobs"]["tokens"]) == 4
+    assert got["usage"]["completion_tokens"] == 1
+
+
+def test_stop_strings_end_generation_in_every_path(server, reference):
+    fulls = [ENC.decode(r) for r in reference]
+    stop = fulls[1][len(fulls[1]) // 2:len(fulls[1]) // 2 + 3]
+    want = [(f[:f.index(stop)], "stop") if stop in f else (f, "length") for f in fulls]
+    # Tokens generated: up to the one that completes the stop string, not max_tokens.
+    ends = [next(i for i in range(1, 11) if stop in ENC.decode(r[:i])) if stop in f else 10
+            for r, f in zip(reference, fulls)]
+    body = {"prompt": [ENC.decode(p) for p in PROMPTS], "max_tokens": 10, "temperature": 0, "stop": stop}
+    status, got = post(server, body)
+    assert [(c["text"], c["finish_reason"]) for c in got["choices"]] == want
+    assert got["usage"]["completion_tokens"] == sum(ends) < 30
+    status, events = post(server, {**body, "stream": True, "stream_options": {"include_usage": True}}, raw=True)
+    assert [(c["text"], c["finish_reason"]) for c in streamed(events, 3)] == want
+    assert chunks_of(events)[-1]["usage"]["completion_tokens"] == sum(ends)
+
+
+def test_n_seeds_and_penalties(server, params, layered):
+    body = {"prompt": ["Once upon", "a time"], "n": 2, "max_tokens": 6, "temperature": 1.0, "top_k": 40, "seed": 7}
+    status, first = post(server, body)
+    assert status == 200 and [c["index"] for c in first["choices"]] == [0, 1, 2, 3]
+    assert post(server, body)[1]["choices"] == first["choices"]
+    assert first["choices"][0]["text"] != first["choices"][1]["text"]
+    # The same rows in-process: choice i*n + j is key (seed, i*n + j).
+    rows = [decode.Row(decode.prompt_ids(ENC, p), 6, 1.0, 40, 1.0, (7, i * 2 + j))
+            for i, p in enumerate(body["prompt"]) for j in range(2)]
+    assert [c["text"] for c in first["choices"]] == [ENC.decode(x) for x in decode.complete(layered, CFG, rows)]
+    body = {"prompt": [PROMPTS[1]], "max_tokens": 10, "temperature": 0, "frequency_penalty": 1.5,
+            "presence_penalty": -0.5, "logit_bias": {"13": 5.0}}
+    want = recompute_greedy(params, PROMPTS[1], 10, frequency=1.5, presence=-0.5, bias={13: 5.0})
+    assert post(server, body)[1]["choices"][0]["text"] == ENC.decode(want)
+
+
+# ---------------------------------------------------------------- continuous batching
+
+def test_a_seeded_request_alone_and_amid_traffic_gives_the_same_text(server):
+    body = {"prompt": "Once upon a time", "max_tokens": 24, "temperature": 0.9, "top_p": 0.95, "seed": 11}
+    alone = post(server, body)[1]["choices"][0]["text"]
+    results, threads = {}, []
+
+    def ask(name, b, delay):
+        time.sleep(delay)
+        results[name] = post(server, b)
+
+    for i in range(7):  # others of all lengths and settings, arriving before, with and after it
+        other = {"prompt": [list(range(100 + i, 110 + 2 * i))], "max_tokens": 5 + 3 * i, "temperature": 0.7,
+                 "seed": i, "logprobs": i % 3 if i % 2 else None, "frequency_penalty": 0.5 * (i % 2)}
+        threads.append(threading.Thread(target=ask, args=(i, other, 0.01 * i)))
+    threads.append(threading.Thread(target=ask, args=("mine", body, 0.03)))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert all(r[0] == 200 for r in results.values()) and results["mine"][1]["choices"][0]["text"] == alone
+
+
+def test_a_short_request_does_not_wait_for_a_long_one(server):
+    """Continuous batching: a request arriving while another generates joins the batch and leaves when done."""
+    long, short, done = {}, {}, {}
+
+    def ask(out, body):
+        out["reply"] = post(server, body, raw=True)
+        done[id(out)] = time.monotonic()
+
+    steps = server.engine.steps_run
+    t = threading.Thread(target=ask, args=(long, {"prompt": "A", "max_tokens": 60, "temperature": 0, "stream": True,
+                                                  "logit_bias": {str(EOT): -100}}))
+    t.start()
+    wait_until(lambda: server.engine.steps_run > steps + 3)
+    ask(short, {"prompt": "B", "max_tokens": 2, "stream": True})
+    t.join(60)
+    assert done[id(short)] < done[id(long)]
+    assert streamed(long["reply"][1], 1)[0]["finish_reason"] == "length"
+
+
+def test_the_batch_and_cache_grow_by_buckets(server):
+    """A request alone decodes as a batch of one with a cache just big enough, rounded to a power of two; the
+    batch grows as rows join, and starts afresh once idle."""
+    wait_until(lambda: not server.engine.busy())
+    before = len(server.engine.layouts)
+    post(server, {"prompt": "x", "max_tokens": 40})
+    assert server.engine.layouts[before:] == [(1, 64)]
+    wait_until(lambda: server.engine.cache is None)
+    long = threading.Thread(target=post, args=(server, {"prompt": "x", "max_tokens": 12, "stream": True}, True))
+    long.start()
+    wait_until(lambda: any(server.engine.rows))
+    post(server, {"prompt": ["x", "y", "z"], "max_tokens": 20})
+    long.join(30)
+    # One size at a time: rows, then slots per row.
+    assert server.engine.layouts[before + 1:] == [(1, 16), (4, 16), (4, 32)]
+
+
+def test_a_client_that_goes_away_stops_its_generation(server):
+    body = json.dumps({"prompt": "Hi", "max_tokens": 60, "stream": True, "logit_bias": {str(EOT): -100}}).encode()
+    before = server.engine.steps_run
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        seen = b""
+        while b"data: " not in seen:  # the first token has come
+            seen += s.recv(4096)
+    wait_until(lambda: not server.engine.busy())
+    steps = server.engine.steps_run
+    time.sleep(0.2)
+    assert server.engine.steps_run == steps and steps - before < 30  # it stopped, far short of 60 tokens
+
+
+def test_a_failed_step_answers_500_and_the_server_carries_on(server, monkeypatch):
+    real = decode.step
+
+    def broken(*a, **kw):
+        monkeypatch.setattr(decode, "step", real)
+        raise RuntimeError("device on fire")
+
+    monkeypatch.setattr(decode, "step", broken)
+    status, got = post(server, {"prompt": "x", "max_tokens": 4})
+    assert status == 500 and "device on fire" in got["error"]
+    assert post(server, {"prompt": "x", "max_tokens": 4})[0] == 200
+
+
+# ---------------------------------------------------------------- the openai client
+
+def test_the_openai_client(server, reference):
+    openai = pytest.importorskip("openai", reason="pip install -r requirements-dev.txt")
+    client = openai.OpenAI(base_url=url(server, "/v1"), api_key="unused")
+    assert [(m.id, m.model_extra["max_model_len"]) for m in client.models.list()] == [("tiny", 64)]
+    text = ENC.decode(PROMPTS[0])
+    got = client.completions.create(model="tiny", prompt=text, max_tokens=10, temperature=0)
+    assert got.choices[0].text == ENC.decode(reference[0]) and got.usage.completion_tokens == 10
+    pieces = [c.choices[0].text for c in client.completions.create(model="tiny", prompt=text, max_tokens=10,
+                                                                  temperature=0, stream=True) if c.choices]
+    assert "".join(pieces) == ENC.decode(reference[0]) and len(pieces) > 1
+    got = client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=0, echo=True, logprobs=2)
+    assert got.choices[0].text == text and got.choices[0].logprobs.token_logprobs[0] is None
+    assert len(got.choices[0].logprobs.top_logprobs[1]) in (2, 3)
+    got = client.completions.create(model="tiny", prompt=[PROMPTS[0], PROMPTS[1]], max_tokens=10, temperature=0, n=2,
+                                    stop=["\n"], logprobs=1)
+    assert [c.index for c in got.choices] == [0, 1, 2, 3]
+    assert got.choices[0].text == got.choices[1].text == ENC.decode(reference[0]).split("\n")[0]
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=-5)
+
+
+# ---------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("body, message", [
+    (b"{not json", "malformed JSON"),
+    (b"[" * 100_000, "malformed JSON"),  # too deep for the parser
+    ({"max_tokens": 4}, "'prompt'"),
+    ({"prompt": 5}, "'prompt'"),
+    ({"prompt": []}, "'prompt'"),
+    ({"prompt": [[]]}, "'prompt'"),
+    ({"prompt": [1, "a"]}, "'prompt'"),
+    ({"prompt": [3, CFG.n_vocab]}, "outside [0, 50304)"),
+    ({"prompt": "x", "max_tokens": "5"}, "'max_tokens'"),
+    ({"prompt": "x", "max_tokens": -1}, "'max_tokens'"),
+    ({"prompt": "x", "max_tokens": True}, "'max_tokens'"),
+    ({"prompt": "x", "temperature": "hot"}, "'temperature'"),
+    ({"prompt": "x", "top_p": 0}, "'top_p'"),
+    ({"prompt": "x", "n": 0}, "'n'"),
+    ({"prompt": "x", "stop": 3}, "'stop'"),
+    ({"prompt": "x", "stream": "yes"}, "'stream'"),
+    ({"prompt": "x", "echo": 1}, "'echo'"),
+    ({"prompt": "x", "logprobs": 21}, "'logprobs'"),
+    ({"prompt": "x", "logprobs": True}, "'logprobs'"),
+    ({"prompt": "x", "presence_penalty": 3}, "'presence_penalty'"),
+    ({"prompt": "x", "logit_bias": {"a": 1}}, "'logit_bias'"),
+    ({"prompt": "x", "logit_bias": {"5": 101}}, "'logit_bias'"),
+    ({"prompt": "x", "suffix": "end"}, "'suffix' is not supported"),
+    ({"prompt": "x", "best_of": 3}, "'best_of' is not supported"),
+    ({"prompt": "x", "repetition_penalty": 1.2}, "presence_penalty or frequency_penalty"),
+    ({"prompt": "x", "ignore_eos": True}, "'ignore_eos' is not supported"),
+    ({"prompt": "x", "min_tokens": 3}, "'min_tokens' is not supported"),
+    ({"prompt": "x", "temprature": 0}, "unknown field 'temprature'"),
+    ({"prompt": "x", "stream": True, "stream_options": {"x": 1}}, "'stream_options'"),
+    ({"prompt": "x " * 60, "max_tokens": 10}, "exceed the context of 64"),
+])
+def test_bad_requests_get_400_and_the_server_keeps_serving(server, body, message):
+    status, got = post(server, body)
+    assert status == 400 and message in got["error"]
+    neutral = {"user": "u", "best_of": 1, "ignore_eos": False, "repetition_penalty": 1.0, "suffix": None, "min_tokens": 0}
+    assert post(server, {"prompt": "x", "max_tokens": 1, **neutral})[0] == 200
+
+
+def test_only_json_bodies_and_extreme_settings(server):
+    status, got = post(server, b'{"prompt": "x"}', content_type="text/plain")
+    assert status == 415 and "application/json" in got["error"]
+    for extreme in ({"top_k": 3_000_000_000}, {"temperature": 1e300}):  # 1e300 is inf in float32
+        status, got = post(server, {"prompt": "x", "max_tokens": 3, "seed": 1, **extreme})
+        assert status == 200 and got["choices"][0]["finish_reason"] in ("stop", "length")
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n")
+        reply = b"".join(iter(lambda: s.recv(4096), b"")).decode()  # HTTP/1.0: read until the server closes
+    assert reply.startswith("HTTP/1.0 400") and "Content-Length -1 is negative" in reply
+
+
+def test_close_finishes_requests_in_flight(layered):
+    server = serve.serve(layered, CFG, "127.0.0.1", 0)
+    result = []
+    body = {"prompt": "Hi", "max_tokens": 16, "stream": True}
+    asker = threading.Thread(target=lambda: result.append(post(server, body, raw=True)))
+    asker.start()
+    wait_until(lambda: server.engine.steps_run > 0)
+    server.close()
+    asker.join(30)
+    assert result and result[0][0] == 200 and result[0][1][-1] == "[DONE]"
+    with pytest.raises(OSError):
+        post(server, {"prompt": "x"})
+
+
+def test_a_server_on_a_mesh_answers_as_on_one_device(params, reference):
+    import shard
+    mesh = shard.make_mesh(2, 2)
+    server = serve.serve(decode.unstack(shard.place_params(params, mesh)), CFG, "127.0.0.1", 0, mesh=mesh, slots=4)
+    try:
+        body = {"prompt": [PROMPTS[0], PROMPTS[1]], "max_tokens": 10, "temperature": 0, "logprobs": 1}
+        status, got = post(server, body)
+        assert status == 200 and [c["text"] for c in got["choices"]] == [ENC.decode(r) for r in reference[:2]]
+        assert all(t == max(top.values()) for c in got["choices"]
+                   for t, top in zip(c["logprobs"]["token_logprobs"], c["logprobs"]["top_logprobs"]))
+    finally:
+        server.close()
+
+
+def test_the_page_and_cross_origin_rules(layered):
+    """GET / is the playground, served with a policy that lets it talk to this server only. Another site's page
+    gets no CORS preflight unless --allow_origin names it, and then only it does."""
+    import http.client
+    server = serve.serve(layered, CFG, "127.0.0.1", 0, slots=1, allow_origin=["https://ok.example"])
+    try:
+        conn = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=10)
+        conn.request("GET", "/")
+        reply = conn.getresponse()
+        page = reply.read().decode()
+        assert reply.status == 200 and reply.getheader("Content-Type") == "text/html; charset=utf-8"
+        assert "connect-src 'self'" in reply.getheader("Content-Security-Policy") and 'id="generate"' in page
+        preflight = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST",
+                     "Access-Control-Request-Headers": "content-type"}
+        conn.request("OPTIONS", "/v1/completions", headers=preflight)
+        reply = conn.getresponse()
+        assert reply.status == 403 and reply.getheader("Access-Control-Allow-Origin") is None
+        assert "--allow_origin https://evil.example" in json.loads(reply.read())["error"]
+        conn.request("OPTIONS", "/v1/completions", headers={**preflight, "Origin": "https://ok.example"})
+        reply = conn.getresponse()
+        reply.read()
+        assert reply.status == 204 and reply.getheader("Access-Control-Allow-Origin") == "https://ok.example"
+        assert "Content-Type" in reply.getheader("Access-Control-Allow-Headers")
+        # A form post (text/plain: no preflight) from any page does nothing.
+        conn.request("POST", "/v1/completions", body='{"prompt": "x"}',
+                     headers={"Content-Type": "text/plain", "Origin": "https://evil.example"})
+        reply = conn.getresponse()
+        assert reply.status == 415 and reply.getheader("Access-Control-Allow-Origin") is None
+        reply.read()
+        assert server.engine.steps_run == 0
+        conn.request("POST", "/v1/completions", body='{"prompt": "x", "max_tokens": 1}',
+                     headers={"Content-Type": "application/json", "Origin": "https://ok.example"})
+        reply = conn.getresponse()
+        assert reply.status == 200 and reply.getheader("Access-Control-Allow-Origin") == "https://ok.example"
+        reply.read()
+    finally:
+        server.close()
