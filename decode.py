@@ -86,8 +86,10 @@ def sample_logits(logits, knobs, index, counts, vocab=VOCAB):
     temperature, top_k, top_p = knobs["temperature"], knobs["top_k"], knobs["top_p"]
 
     def draw(logits):
-        # An infinite temperature is the uniform draw; the re-mask keeps -inf / inf from becoming NaN.
-        scaled = jnp.where(logits > -jnp.inf, logits / jnp.where(temperature > 0, temperature, 1.0)[:, None], -jnp.inf)
+        # Shifted by the maximum before the division, so that a tiny temperature gives -inf, not inf - inf; an
+        # infinite one gives the uniform draw, and the re-mask keeps the padding at -inf.
+        t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
+        scaled = jnp.where(logits > -jnp.inf, (logits - logits.max(-1, keepdims=True)) / t, -jnp.inf)
         scaled = lax.cond(jnp.any((top_k > 0) | (top_p < 1)), filter_logits, lambda x, k, p: x, scaled, top_k, top_p)
         row_key = lambda key, i: jax.random.fold_in(jax.random.wrap_key_data(key, impl="threefry2x32"), i)
         u = jax.vmap(lambda key, i: jax.random.uniform(row_key(key, i), (2,)))(knobs["key"], index)

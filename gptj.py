@@ -214,8 +214,8 @@ def forward(params, tokens, cfg: Config, *, cache=None, mp=None, linear=dense):
     params["h"] is stacked (run with lax.scan) or a list of per-layer dicts (run unrolled; the cache then
     per_layer too). Without a cache, seq is at most n_ctx. cache: from init_cache; row b's tokens take the
     positions and slots from cache["length"][b] on, so the rows of a batch can be at different points of
-    their texts. Each row must have room for the tokens: inside jit that cannot raise, so an overflowing row
-    gets NaN logits rather than silently overwritten keys. With `mp`, logits are this device's vocab slice.
+    their texts. Each row must have room for the tokens: inside jit that cannot raise, so a row that overflows
+    gets NaN logits (its write, clamped into the cache, overwrote its newest keys), never a silent answer. With `mp`, logits are this device's vocab slice.
     linear(x, p): how each layer projection is computed from its params (default dense).
     """
     B, T = tokens.shape

@@ -16,10 +16,12 @@ need (a power of 2), grown when that is not enough: a request alone decodes as a
 threads parse requests, hand them to the model thread and write out what it sends back.
 """
 import dataclasses
+import ipaddress
 import json
 import math
 import os
 import queue
+import socket
 import sys
 import threading
 import time
@@ -37,8 +39,9 @@ import shard
 
 EOT = data.EOT
 PAGE = Path(__file__).resolve().parent / "assets" / "playground.html"  # GET /: the playground
-MAX_ROWS = 64  # completions per request: prompts x n
-PREFILL_TOKENS = 4096  # prompt tokens (bucketed) prefilled at once, at least one prompt
+MAX_ROWS = 1024  # completions per request, prompts x n: they queue for the batch's slots
+PREFILL_TOKENS = 4096  # prompt tokens prefilled at once, padding included; at least one prompt
+MAX_BODY = 64 << 20  # bytes of a request body
 IGNORED = {"model", "user"}  # bookkeeping fields: one model is served, and who asks changes nothing
 # Fields that would change the answer and are not implemented: what they ask for, and their values that ask nothing.
 UNSUPPORTED = {"suffix": ("insertion", [None, ""]), "best_of": ("best_of > n", [None, 1]),
@@ -62,6 +65,7 @@ class Job:
     prompt_tokens: int
     events: queue.Queue = dataclasses.field(default_factory=queue.Queue)  # ("chunk", choice) ... ("done",) | ("error", msg)
     cancelled: bool = False  # the client went away: stop generating for it
+    answered: bool = False  # its last event is sent
 
     def usage(self):
         used = sum(c.generated for c in self.choices)
@@ -240,6 +244,7 @@ class Engine:
         self.steps = np.zeros(0, np.int32)  # each row's own step count: its draws depend on it alone
         self.cache, self.counts, self.tok, self.knobs, self.cache_len = None, None, None, None, 0
         self.waiting = []  # choices admitted but not yet in the batch
+        self.admitting = []  # choices on their way into it
         self.pending = []  # (device outputs, [(output row, choice)]) queued but not yet read
         self.steps_run, self.layouts = 0, []  # steps queued; each (rows, cache slots) the batch has had
         self.max_cache = decode.bucket(cfg.n_ctx)
@@ -269,9 +274,9 @@ class Engine:
                 c.echo_prompt()
         for job in jobs:
             for c in job.choices:
-                if job.stream and c.echo:
+                if job.stream and (c.echo or c.row.max_new == 0):
                     job.events.put(("chunk", {"index": c.index, "text": c.head, "logprobs": c.head_lp,
-                                              "finish_reason": None}))
+                                              "finish_reason": "length" if c.row.max_new == 0 else None}))
                 if c.row.max_new == 0:
                     c.done, c.reason = True, "length"
                     self._finished(c)
@@ -282,17 +287,18 @@ class Engine:
         """Prefill waiting rows, as one batch, into free rows of the running batch."""
         self.waiting = [c for c in self.waiting if not c.job.cancelled]
         running = [c for c in self.rows if c is not None]
-        # As many as fit, within a prefill token budget: a long prefill would stall the running rows.
-        room, tokens_in = self.slots - len(running), 0
-        new = []
+        # As many as fit, within a budget of prefilled tokens (padding included): a long prefill would stall the
+        # running rows, and take memory.
+        room, longest, new = self.slots - len(running), 0, []
         for c in self.waiting[:room]:
-            tokens_in += decode.bucket(len(c.row.ids))
-            if new and tokens_in > PREFILL_TOKENS:
+            longest = max(longest, len(c.row.ids))
+            if new and self._size(len(new) + 1) * decode.bucket(longest) > PREFILL_TOKENS:
                 break
             new.append(c)
         self.waiting = self.waiting[len(new):]
         if not new:
             return
+        self.admitting = new  # until they are in the batch: a failure on the way must still answer them
         self._fit(running + new)
         batch = self._size(len(new))
         rows = [c.row for c in new] + [decode.Row([EOT], 1)] * (batch - len(new))
@@ -309,6 +315,7 @@ class Engine:
         self.cache, self.counts, self.tok, self.knobs = decode.insert(self.cache, self.counts, self.tok, self.knobs,
                                                                       new_rows, slots, mesh=self.mesh)
         self.pending.append((out, list(enumerate(new))))
+        self.admitting = []
 
     def _fit(self, choices):
         """Room in the batch and its cache for these rows. Both are sized by powers of two (the batch rounded
@@ -389,10 +396,15 @@ class Engine:
         self._finished(c)
 
     def _finished(self, c):
-        if not c.job.stream:
-            c.text.flush()
-        if all(x.done for x in c.job.choices):
-            c.job.events.put(("done",))
+        """A choice is done; once all of its job's are, their texts complete, the job's handler is told, once."""
+        job = c.job
+        if job.answered or not all(x.done for x in job.choices):
+            return
+        if not job.stream:
+            for x in job.choices:
+                x.text.flush()
+        job.answered = True
+        job.events.put(("done",))
 
     def iterate(self):
         """Admit, queue a step, then read what was queued before it."""
@@ -406,14 +418,14 @@ class Engine:
 
     def fail(self, message):
         """Tell every request in flight, and start afresh."""
-        jobs = {id(c.job): c.job for c in self.waiting + [c for c in self.rows if c] +
+        jobs = {id(c.job): c.job for c in self.waiting + self.admitting + [c for c in self.rows if c] +
                 [c for _, owners in self.pending for _, c in owners]}
         for job in jobs.values():
             if not all(c.done for c in job.choices):
                 job.events.put(("error", message))
             for c in job.choices:
                 c.done = True
-        self.rows, self.steps, self.waiting, self.pending = [], np.zeros(0, np.int32), [], []
+        self.rows, self.steps, self.waiting, self.admitting, self.pending = [], np.zeros(0, np.int32), [], [], []
         self.cache, self.cache_len = None, 0
 
 
@@ -428,6 +440,7 @@ class Server(ThreadingHTTPServer):
         super().__init__(address, _Handler)
         self.cfg, self.enc, self.model_name = cfg, enc or data.tokenizer(), model_name
         self.allow_origin = set(allow_origin)  # other sites' pages that may call the API from a browser
+        self.loopback = ipaddress.ip_address(socket.gethostbyname(address[0])).is_loopback
         self.engine = Engine(params, cfg, mesh, slots, self.enc)
         self.jobs = queue.Queue()
         self.created = int(time.time())
@@ -479,6 +492,8 @@ class _Handler(BaseHTTPRequestHandler):
     timeout = 60  # seconds a client may stall mid-request, so that a dead one cannot hold up shutdown
 
     def do_GET(self):
+        if not self._host_ok():
+            return
         if self.path in ("/", "/index.html"):
             return self._send_page()
         if self.path == "/health":
@@ -493,6 +508,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_OPTIONS(self):
         """A browser's CORS preflight: answered only for an origin that --allow_origin names."""
+        if not self._host_ok():
+            return
         origin = self.headers.get("Origin")
         if origin not in self.server.allow_origin:
             return self._send(403, {"error": f"cross-origin requests from {origin} are not allowed: start the server "
@@ -523,7 +540,19 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
+    def _host_ok(self):
+        """DNS rebinding: a page elsewhere can give its own name the address 127.0.0.1 and so call a server on
+        loopback as its own origin. A server bound to loopback answers only requests made to a loopback name."""
+        host = _hostname(self.headers.get("Host") or "").lower()
+        if not self.server.loopback or host in ("localhost", "[::1]") or host.startswith("127."):
+            return True
+        self._send(403, {"error": f"Host {host!r} is not a loopback name: open the server as "
+                                  f"http://127.0.0.1:{self.server.server_address[1]}/, or start it with --host"})
+        return False
+
     def do_POST(self):
+        if not self._host_ok():
+            return
         routes = {"/v1/completions": self._completions, "/tokenize": self._tokenize, "/detokenize": self._detokenize}
         if self.path not in routes:
             return self._send(404, {"error": f"no such endpoint: POST {self.path}"})
@@ -531,6 +560,9 @@ class _Handler(BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length") or 0)
             if length < 0:
                 raise ValueError(f"Content-Length {length} is negative")
+            if length > MAX_BODY:
+                self.close_connection = True  # the body is not read
+                return self._send(413, {"error": f"a body of {length} bytes is over the limit of {MAX_BODY}"})
             body = self.rfile.read(length)
             if self.headers.get_content_type() != "application/json":
                 return self._send(415, {"error": f"send the body as Content-Type: application/json, not "
@@ -621,6 +653,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+
+def _hostname(header):
+    """The name in a Host header, without its port."""
+    return header[:header.find("]") + 1] if header.startswith("[") else header.rsplit(":", 1)[0]
 
 
 def _next(events):

@@ -211,6 +211,15 @@ def test_extreme_settings_stay_in_the_vocabulary():
     assert decode.knobs([decode.Row([1], 1, 1.0, 2**40, 1.0)], 8)["top_k"][0] == 2**31 - 1
 
 
+def test_a_tiny_temperature_is_the_argmax():
+    """(logit - max) / t, not logit / t - max: at t = 2e-38 the latter is inf - inf."""
+    logits = jax.random.normal(jax.random.key(5), (4, 24)) * 30
+    keys = np.stack([np.arange(4, dtype=np.uint32)] * 2, 1)
+    for t in (2e-38, 1e-30, 1e-6):
+        got = sampled_token(logits, keys, jnp.full(4, t), jnp.zeros(4, jnp.int32), jnp.ones(4), 24)
+        assert (np.asarray(got) == np.asarray(logits.argmax(-1))).all(), t
+
+
 def test_sampling_follows_the_filtered_distribution():
     logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]] * 4000))
     keys = np.stack([np.zeros(4000, np.uint32), np.arange(4000, dtype=np.uint32)], 1)

@@ -110,7 +110,7 @@ def test_greedy_text_equals_the_apis_and_streams_in(browser, server, tmp_path):
 
 def test_echo_colours_the_prompt_and_model_text_is_never_html(browser, server):
     open_page(browser, server)
-    attack = '<img src=x onerror="window.pwned=1">'
+    attack = 'a 😀 b <img src=x onerror="window.pwned=1">'  # and a character beyond UTF-16's first plane
     assert run(browser, prompt=attack, temperature=0, max_tokens=3, echo=True).startswith("done")
     out = browser.find_element("id", "output")
     assert out.text.startswith(attack) and not out.find_elements("css selector", "img")

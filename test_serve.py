@@ -128,6 +128,9 @@ def test_echo_and_logprobs_are_the_models_own(server, params):
     assert status == 200 and got["usage"]["completion_tokens"] == 0 and got["choices"][0]["text"] == ENC.decode(ids)
     tops = got["choices"][0]["logprobs"]["top_logprobs"]
     assert all(list(top) == [decode.token_name(ENC, t)] for top, t in zip(tops[1:], ids[1:]))
+    for echo in (True, False):  # streamed, max_tokens 0 still ends with a finish_reason
+        status, events = post(server, {"prompt": ids, "echo": echo, "max_tokens": 0, "stream": True}, raw=True)
+        assert streamed(events, 1)[0]["finish_reason"] == "length"
 
 
 def test_lm_evaluation_harness_requests(server, params):
@@ -267,7 +270,7 @@ def test_a_client_that_goes_away_stops_its_generation(server):
     body = json.dumps({"prompt": "Hi", "max_tokens": 60, "stream": True, "logit_bias": {str(EOT): -100}}).encode()
     before = server.engine.steps_run
     with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
         seen = b""
         while b"data: " not in seen:  # the first token has come
@@ -276,6 +279,28 @@ def test_a_client_that_goes_away_stops_its_generation(server):
     steps = server.engine.steps_run
     time.sleep(0.2)
     assert server.engine.steps_run == steps and steps - before < 30  # it stopped, far short of 60 tokens
+
+
+def test_a_failed_prefill_answers_a_request_that_had_waited(layered, monkeypatch):
+    """A request waiting for a free row is answered (500) when its prefill fails, not left hanging."""
+    server = serve.serve(layered, CFG, "127.0.0.1", 0, slots=1)
+    try:
+        first = threading.Thread(target=post, args=(server, {"prompt": "a", "max_tokens": 30, "stream": True}, True))
+        first.start()
+        wait_until(lambda: any(server.engine.rows))
+        real = decode.prefill
+
+        def broken(*a, **kw):
+            monkeypatch.setattr(decode, "prefill", real)
+            raise RuntimeError("out of memory")
+
+        monkeypatch.setattr(decode, "prefill", broken)
+        status, got = post(server, {"prompt": "b", "max_tokens": 4})
+        assert status == 500 and "out of memory" in got["error"]
+        first.join(30)
+        assert post(server, {"prompt": "c", "max_tokens": 4})[0] == 200
+    finally:
+        server.close()
 
 
 def test_a_failed_step_answers_500_and_the_server_carries_on(server, monkeypatch):
@@ -358,11 +383,15 @@ def test_bad_requests_get_400_and_the_server_keeps_serving(server, body, message
 def test_only_json_bodies_and_extreme_settings(server):
     status, got = post(server, b'{"prompt": "x"}', content_type="text/plain")
     assert status == 415 and "application/json" in got["error"]
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 999999999999\r\n\r\n")
+        reply = b"".join(iter(lambda: s.recv(4096), b"")).decode()
+    assert reply.startswith("HTTP/1.0 413") and "over the limit" in reply
     for extreme in ({"top_k": 3_000_000_000}, {"temperature": 1e300}):  # 1e300 is inf in float32
         status, got = post(server, {"prompt": "x", "max_tokens": 3, "seed": 1, **extreme})
         assert status == 200 and got["choices"][0]["finish_reason"] in ("stop", "length")
     with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=10) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: -1\r\n\r\n")
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: -1\r\n\r\n")
         reply = b"".join(iter(lambda: s.recv(4096), b"")).decode()  # HTTP/1.0: read until the server closes
     assert reply.startswith("HTTP/1.0 400") and "Content-Length -1 is negative" in reply
 
@@ -430,5 +459,11 @@ def test_the_page_and_cross_origin_rules(layered):
         reply = conn.getresponse()
         assert reply.status == 200 and reply.getheader("Access-Control-Allow-Origin") == "https://ok.example"
         reply.read()
+        # DNS rebinding: a page whose own name now points at 127.0.0.1 is refused on a loopback server.
+        for host, want in [("evil.example:8000", 403), ("localhost:8000", 200), ("127.0.0.1", 200), ("[::1]:80", 200)]:
+            conn.request("GET", "/v1/models", headers={"Host": host})
+            reply = conn.getresponse()
+            assert reply.status == want, host
+            reply.read()
     finally:
         server.close()
