@@ -423,6 +423,14 @@ def _rows_put(a, b, slots):
     return a.at[slots].set(b, mode="drop")
 
 
+@jax.jit
+def rows_of(new):
+    """Freshly prefilled rows ({"cache", "counts", "tok", "knobs"}), one pytree of one row each: inserted one by
+    one, they compile per (batch, cache) shape, not per pair of that and the prefill's batch size."""
+    one = lambda i: lambda x: x[:, i:i + 1] if x.ndim == 5 else x[i:i + 1]
+    return [jax.tree.map(one(i), new) for i in range(new["tok"].shape[0])]
+
+
 @partial(jax.jit, static_argnames=("mesh",), donate_argnames=("cache", "counts"))
 def insert(cache, counts, tok, knobs, new, slots, mesh=None):
     """Put freshly prefilled rows into a running batch: its cache, counts [B, V], last tokens [B] and knobs.

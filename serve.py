@@ -306,14 +306,12 @@ class Engine:
         knobs = decode.put(decode.knobs(rows, self.cfg.n_vocab), self.mesh)
         out, cache, counts = decode.prefill(self.params, tokens, lengths, knobs, self.cfg, tokens.shape[1], self.mesh,
                                             logprobs=self._logprobs(new))
-        slots = np.full(batch, len(self.rows), np.int32)  # padding rows: dropped
         free = [b for b, c in enumerate(self.rows) if c is None]
+        pieces = decode.rows_of({"cache": cache, "counts": counts, "tok": out["token"], "knobs": knobs})
         for i, c in enumerate(new):
-            slots[i] = free[i]
+            self.cache, self.counts, self.tok, self.knobs = decode.insert(
+                self.cache, self.counts, self.tok, self.knobs, pieces[i], np.array([free[i]], np.int32), mesh=self.mesh)
             self.rows[free[i]], self.steps[free[i]] = c, 1
-        new_rows = {"cache": cache, "counts": counts, "tok": out["token"], "knobs": knobs}
-        self.cache, self.counts, self.tok, self.knobs = decode.insert(self.cache, self.counts, self.tok, self.knobs,
-                                                                      new_rows, slots, mesh=self.mesh)
         self.pending.append((out, list(enumerate(new))))
         self.admitting = []
 
