@@ -133,7 +133,7 @@ def test_echo_and_logprobs_are_the_models_own(server, params):
         assert streamed(events, 1)[0]["finish_reason"] == "length"
 
 
-def test_lm_evaluation_harness_requests(server, params):
+def test_lm_evaluation_harness_requests(server, params, layered):
     """The requests lm-evaluation-harness's local-completions model sends, read the way it reads them
     (parse_logprobs: token_logprobs[ctxlen:-1], greedy when each equals its top_logprobs' maximum)."""
     # Its max_length leaves a token for the one it generates: prompts of up to n_ctx - 1 tokens.
@@ -143,7 +143,7 @@ def test_lm_evaluation_harness_requests(server, params):
             "seed": 1234, "echo": True}
     status, got = post(server, body)
     assert status == 200
-    nll, greedy = score.score_rows(params, CFG, rows)
+    nll, greedy = score.score_rows(layered, CFG, rows)
     for choice, (seq, n), want_nll, want_greedy in zip(sorted(got["choices"], key=lambda c: c["index"]), rows, nll,
                                                          greedy):
         ctxlen = len(seq) - n
@@ -155,7 +155,7 @@ def test_lm_evaluation_harness_requests(server, params):
     windows = score.rolling_windows(ENC.encode_ordinary(TEXT), CFG.n_ctx - 2)
     status, got = post(server, {**body, "prompt": [seq for seq, _ in windows]})
     total = sum(sum(c["logprobs"]["token_logprobs"][len(seq) - n:-1]) for c, (seq, n) in zip(got["choices"], windows))
-    assert len(windows) == 3 and -total == pytest.approx(score.score_rows(params, CFG, windows)[0].sum(), rel=1e-5)
+    assert len(windows) == 3 and -total == pytest.approx(score.score_rows(layered, CFG, windows)[0].sum(), rel=1e-5)
     # generate_until: token ids, greedy, its stop strings with the end-of-text token added.
     body = {"prompt": [PROMPTS[1]], "model": "tiny", "max_tokens": 12, "temperature": 0,
             "stop": ["\n\n", "<|endoftext|>"], "seed": 1234}
@@ -218,7 +218,7 @@ def test_a_seeded_request_alone_and_amid_traffic_gives_the_same_text(server):
         time.sleep(delay)
         results[name] = post(server, b)
 
-    for i in range(7):  # others of all lengths and settings, arriving before, with and after it
+    for i in range(5):  # others of all lengths and settings, arriving before, with and after it
         other = {"prompt": [list(range(100 + i, 110 + 2 * i))], "max_tokens": 5 + 3 * i, "temperature": 0.7,
                  "seed": i, "logprobs": i % 3 if i % 2 else None, "frequency_penalty": 0.5 * (i % 2)}
         threads.append(threading.Thread(target=ask, args=(i, other, 0.01 * i)))
@@ -281,6 +281,17 @@ def test_a_client_that_goes_away_stops_its_generation(server):
     assert server.engine.steps_run == steps and steps - before < 30  # it stopped, far short of 60 tokens
 
 
+def fail_once(monkeypatch, name, message):
+    """decode.<name> raises once, then works again."""
+    real = getattr(decode, name)
+
+    def broken(*a, **kw):
+        monkeypatch.setattr(decode, name, real)
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(decode, name, broken)
+
+
 def test_a_failed_prefill_answers_a_request_that_had_waited(layered, monkeypatch):
     """A request waiting for a free row is answered (500) when its prefill fails, not left hanging."""
     server = serve.serve(layered, CFG, "127.0.0.1", 0, slots=1)
@@ -288,13 +299,7 @@ def test_a_failed_prefill_answers_a_request_that_had_waited(layered, monkeypatch
         first = threading.Thread(target=post, args=(server, {"prompt": "a", "max_tokens": 30, "stream": True}, True))
         first.start()
         wait_until(lambda: any(server.engine.rows))
-        real = decode.prefill
-
-        def broken(*a, **kw):
-            monkeypatch.setattr(decode, "prefill", real)
-            raise RuntimeError("out of memory")
-
-        monkeypatch.setattr(decode, "prefill", broken)
+        fail_once(monkeypatch, "prefill", "out of memory")
         status, got = post(server, {"prompt": "b", "max_tokens": 4})
         assert status == 500 and "out of memory" in got["error"]
         first.join(30)
@@ -304,13 +309,7 @@ def test_a_failed_prefill_answers_a_request_that_had_waited(layered, monkeypatch
 
 
 def test_a_failed_step_answers_500_and_the_server_carries_on(server, monkeypatch):
-    real = decode.step
-
-    def broken(*a, **kw):
-        monkeypatch.setattr(decode, "step", real)
-        raise RuntimeError("device on fire")
-
-    monkeypatch.setattr(decode, "step", broken)
+    fail_once(monkeypatch, "step", "device on fire")
     status, got = post(server, {"prompt": "x", "max_tokens": 4})
     assert status == 500 and "device on fire" in got["error"]
     assert post(server, {"prompt": "x", "max_tokens": 4})[0] == 200
