@@ -36,6 +36,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P, Sharding
 
 import gptj
 import lora
+import runtime
 import shard
 
 FORMAT, VERSION = "gptj-jax", 1
@@ -211,9 +212,67 @@ def _save_items(dst, items, cfg: gptj.Config, extra=None, force=False):
 
 def save(path, tree, cfg: gptj.Config, extra: dict | None = None, *, force: bool = False):
     """Store any pytree of arrays (e.g. {"params": ..., "opt_state": ...}) as a native checkpoint at `path`.
-    Sharded jax arrays are fetched leaf by leaf. extra: JSON-able items added to meta.json (step, data position)."""
+    Sharded jax arrays are fetched leaf by leaf. extra: JSON-able items added to meta.json (step, data position).
+    Arrays that span processes are written by all of them together (_save_jointly): call it on every process."""
+    if jax.process_count() > 1:
+        return _save_jointly(path, tree, cfg, extra, force)
     items = ((name, np.asarray(x)) for name, x in _flat(tree).items())  # lazy: one leaf at a time
     _save_items(path, items, cfg, extra, force)
+
+
+def _save_jointly(dst, tree, cfg: gptj.Config, extra, force):
+    """Every process writes the distinct blocks whose first copy its devices hold, one file each, straight into
+    dst on a filesystem that all of them share; once all have written, process 0 writes meta.json, the commit
+    marker: a folder without it is no checkpoint (latest() skips it). Nothing is renamed across hosts (Cloud
+    Storage FUSE has no atomic folder rename). Errors anywhere end every process (runtime.agree)."""
+    main, error = jax.process_index() == 0, None
+    dst = os.path.abspath(dst)
+    if main:
+        try:
+            if os.path.lexists(dst) and not force:
+                raise ValueError(f"{dst} already exists: pass --force (force=True) to overwrite it")
+            if os.path.lexists(dst):  # aside first: a half-deleted folder is never seen as a checkpoint
+                doomed = f"{dst}.old-{os.getpid()}"
+                os.replace(dst, doomed)
+                shutil.rmtree(doomed)
+            os.makedirs(dst)
+        except (OSError, ValueError) as e:
+            error = e
+    runtime.agree(error)
+    leaves = {}
+    try:
+        for name, x in _flat(tree).items():
+            blocks = {tuple(s.indices(n)[:2] for s, n in zip(idx, x.shape)): None
+                      for idx in x.sharding.devices_indices_map(x.shape).values()}
+            file = lambda block: name + ".bin" if len(blocks) == 1 else f"{name}@{'-'.join(str(a) for a, _ in block)}.bin"
+            dtype = x.dtype.newbyteorder("<")
+            for part in x.addressable_shards:
+                if part.replica_id == 0:
+                    block = tuple(s.indices(n)[:2] for s, n in zip(part.index, x.shape))
+                    with open(os.path.join(dst, file(block)), "wb") as f:
+                        f.write(np.asarray(part.data, dtype, order="C").reshape(-1).view(np.uint8).data)
+                        os.fsync(f.fileno())
+            leaves[name] = {"shape": list(x.shape), "dtype": x.dtype.name}
+            if len(blocks) > 1:
+                leaves[name]["pieces"] = [{"file": file(b), "start": [a for a, _ in b], "stop": [e for _, e in b]}
+                                          for b in blocks]
+    except (OSError, ValueError) as e:
+        error = e
+    runtime.agree(error)  # every piece is on disk
+    if main:
+        try:
+            meta = {**(extra or {}), "format": FORMAT, "version": VERSION, "config": dataclasses.asdict(cfg),
+                    "leaves": leaves, "processes": jax.process_count()}
+            tmp = os.path.join(dst, f".meta.json.tmp-{os.getpid()}")
+            with open(tmp, "w") as f:
+                json.dump(meta, f, indent=1)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(dst, "meta.json"))
+            _fsync(dst)
+        except OSError as e:
+            error = e
+    runtime.agree(error)  # nobody goes on (or prunes) before the checkpoint is complete
 
 
 def read_meta(path) -> dict:
@@ -224,26 +283,53 @@ def read_meta(path) -> dict:
 
 
 def _native_sources(path):
-    """meta.json and {leaf name: (shape, dtype, read(index, dtype))} over memmaps, after checking every file size."""
+    """meta.json and {leaf name: (shape, dtype, read(index, dtype))} over memmaps, after checking every file size.
+    A leaf is one file, or pieces (blocks of it, one file each) when processes wrote it jointly."""
     meta = read_meta(path)
     sources = {}
     for name, info in meta["leaves"].items():
-        f = os.path.join(path, name + ".bin")
         try:
             shape, dtype = info["shape"], jnp.dtype(info["dtype"])
             if not isinstance(shape, list) or not all(type(n) is int and n >= 0 for n in shape):
                 raise TypeError(f"shape {shape!r} is not a list of sizes")
             shape = tuple(shape)
+            pieces = [(p["file"], tuple(p["start"]), tuple(p["stop"])) for p in info.get("pieces", ())]
+            if any(len(a) != len(shape) or len(b) != len(shape) or "/" in f or
+                   not all(0 <= i < j <= n for i, j, n in zip(a, b, shape)) for f, a, b in pieces):
+                raise TypeError("a piece outside the leaf")
+            if pieces and sum(math.prod(j - i for i, j in zip(a, b)) for _, a, b in pieces) != math.prod(shape):
+                raise TypeError("pieces that do not cover the leaf")
         except (KeyError, TypeError) as e:
             raise ValueError(f"{path}: bad meta.json entry for {name} ({e})") from None
-        want = math.prod(shape) * dtype.itemsize
-        size = os.path.getsize(f) if os.path.isfile(f) else None
-        if size != want:
-            raise ValueError(f"{f}: {'missing' if size is None else f'{size} bytes'}, expected {want} "
-                             f"for {shape} {dtype.name}: truncated or corrupt checkpoint")
-        mm = _memmap(f, shape, dtype)
-        sources[name] = (shape, dtype, lambda idx, dt, mm=mm: np.asarray(mm[idx], dt))
+        maps = [(a, _mapped(os.path.join(path, f), tuple(j - i for i, j in zip(a, b)), dtype)) for f, a, b in pieces]
+        if not pieces:
+            mm = _mapped(os.path.join(path, name + ".bin"), shape, dtype)
+            sources[name] = (shape, dtype, lambda idx, dt, mm=mm: np.asarray(mm[idx], dt))
+        else:
+            sources[name] = (shape, dtype, lambda idx, dt, shape=shape, maps=maps: _assemble(idx, dt, shape, maps))
     return meta, sources
+
+
+def _mapped(f, shape, dtype):
+    want = math.prod(shape) * dtype.itemsize
+    size = os.path.getsize(f) if os.path.isfile(f) else None
+    if size != want:
+        raise ValueError(f"{f}: {'missing' if size is None else f'{size} bytes'}, expected {want} "
+                         f"for {shape} {dtype.name}: truncated or corrupt checkpoint")
+    return _memmap(f, shape, dtype)
+
+
+def _assemble(idx, dtype, shape, maps):
+    """The block `idx` of a leaf stored as pieces [(start, memmap)]: only the overlapping parts are read."""
+    want = [s.indices(n)[:2] for s, n in zip(idx, shape)]
+    out = np.empty([b - a for a, b in want], dtype)
+    for start, mm in maps:
+        lo = [max(a, s) for (a, _), s in zip(want, start)]
+        hi = [min(b, s + n) for (_, b), s, n in zip(want, start, mm.shape)]
+        if all(l < h for l, h in zip(lo, hi)):
+            out[tuple(slice(l - a, h - a) for l, h, (a, _) in zip(lo, hi, want))] = \
+                mm[tuple(slice(l - s, h - s) for l, h, s in zip(lo, hi, start))]
+    return out
 
 
 def meta_config(meta, where="meta.json") -> gptj.Config:

@@ -328,37 +328,59 @@ def load_tokens(spec: str, cache_dir: str | None = None) -> np.ndarray:
 
 # ---------------------------------------------------------------- batches
 
-def _num_windows(tokens: np.ndarray, seq: int) -> int:
+def num_windows(tokens: np.ndarray, seq: int) -> int:
     if len(tokens) < seq + 1:
         raise ValueError(f"data too short for seq={seq}: {len(tokens)} tokens, need at least {seq + 1}")
     return (len(tokens) - 1) // seq
 
 
-def _windows(tokens: np.ndarray, index: np.ndarray, seq: int) -> np.ndarray:
+def window_rows(tokens: np.ndarray, index: np.ndarray, seq: int) -> np.ndarray:
     # Window i is tokens[i*seq : i*seq+seq+1]: inputs and next-token targets in one row.
     return np.array(tokens[index[:, None] * seq + np.arange(seq + 1)], dtype=np.int32)
 
 
-def batch_at(tokens: np.ndarray, position: int, n: int, seq: int, seed: int) -> np.ndarray:
-    """Sequences position..position+n-1 of the endless shuffled stream, as int32 [n, seq+1].
+class Stream:
+    """The endless shuffled stream of a corpus' windows. Epoch e visits every window once, in the order
+    np.random.default_rng([seed, e]).permutation, so the stream depends only on (tokens, seq, seed) and resuming
+    needs only a position in it. An epoch's order is computed once, when a batch first reaches it, and kept
+    (uint32: 4 bytes a window), so a batch costs only its own rows: every process of a run holds the same order
+    and reads just the sequences its devices train on."""
 
-    Epoch e visits every window once in the order np.random.default_rng([seed, e]).permutation,
-    so the stream depends only on (tokens, seq, seed): resuming needs only `position`. Costs one
-    permutation of the window count per epoch touched."""
-    windows = _num_windows(tokens, seq)
+    def __init__(self, tokens: np.ndarray, seq: int, seed: int):
+        self.tokens, self.seq, self.seed = tokens, seq, seed
+        self.windows = num_windows(tokens, seq)
+        self._orders = {}  # epoch -> permutation; a batch can straddle two epochs
+
+    def order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.windows)
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}
+            self._orders[epoch] = perm.astype(np.uint32) if self.windows < 2**32 else perm
+        return self._orders[epoch]
+
+    def rows(self, positions) -> np.ndarray:
+        """Sequences at these positions of the stream (int64 >= 0), as int32 [len(positions), seq + 1]."""
+        positions = np.asarray(positions, np.int64)
+        if positions.size and positions.min() < 0:
+            raise ValueError(f"stream positions must be >= 0, got {positions.min()}")
+        epoch, offset = np.divmod(positions, self.windows)
+        index = np.empty(positions.shape, np.int64)
+        for e in np.unique(epoch):
+            here = epoch == e
+            index[here] = self.order(int(e))[offset[here]]
+        return window_rows(self.tokens, index, self.seq)
+
+
+def batch_at(tokens: np.ndarray, position: int, n: int, seq: int, seed: int) -> np.ndarray:
+    """Sequences position..position+n-1 of the stream (see Stream), as int32 [n, seq+1]."""
     if position < 0 or n < 1:
         raise ValueError(f"need position >= 0 and n >= 1, got position={position}, n={n}")
-    epoch, offset = np.divmod(position + np.arange(n, dtype=np.int64), windows)
-    index = np.empty(n, np.int64)
-    for e in np.unique(epoch):
-        here = epoch == e
-        index[here] = np.random.default_rng([seed, int(e)]).permutation(windows)[offset[here]]
-    return _windows(tokens, index, seq)
+    return Stream(tokens, seq, seed).rows(position + np.arange(n, dtype=np.int64))
 
 
 def eval_batches(tokens: np.ndarray, n: int, seq: int) -> Iterator[np.ndarray]:
     """Consecutive windows in order as int32 [n, seq+1] batches; the last partial batch is dropped,
     except that with fewer than n windows the single short batch of all of them is yielded."""
-    windows = _num_windows(tokens, seq)  # raise now, not on first next()
+    windows = num_windows(tokens, seq)  # raise now, not on first next()
     rows = min(n, windows)
-    return (_windows(tokens, np.arange(b * rows, (b + 1) * rows), seq) for b in range(windows // rows))
+    return (window_rows(tokens, np.arange(b * rows, (b + 1) * rows), seq) for b in range(windows // rows))

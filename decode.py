@@ -340,7 +340,7 @@ def complete(params, cfg, rows, *, mesh=None, on_step=None, eot=EOT, linear=gptj
     tokens, lengths, kn, limit, steps = pack(rows, mesh, eot, cfg.n_vocab)
     kn = put(kn, mesh)
     if on_step is None:
-        out, n = (np.asarray(x) for x in generate(params, tokens, lengths, kn, limit, cfg, steps, mesh=mesh, eot=eot,
+        out, n = (shard.host(x) for x in generate(params, tokens, lengths, kn, limit, cfg, steps, mesh=mesh, eot=eot,
                                                     linear=linear))
         return [out[b, :n[b]].tolist() for b in range(real)]
     B = len(tokens)

@@ -24,6 +24,7 @@ import decode
 import gptj
 import score
 import serve
+import runtime
 import shard
 
 EOT = data.EOT
@@ -285,5 +286,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    shard.keep_freed_host_memory()  # before JAX starts its threads: the stepwise path allocates per token
+    runtime.keep_freed_host_memory()  # before JAX starts its threads: the stepwise path allocates per token
     sys.exit(main())

@@ -8,9 +8,6 @@ The mesh has axes ('dp', 'mp'). Batches split over 'dp'. Weights split over 'mp'
 LayerNorms and fc_out's bias are replicated. The mesh, the model's partition specs and the shard_map wrappers
 live here.
 """
-import ctypes
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -20,41 +17,6 @@ import gptj
 import lora
 
 DP, MP = "dp", "mp"
-
-
-GLIBC = "CS_GNU_LIBC_VERSION" in getattr(os, "confstr_names", {})  # the C library is glibc (not musl, macOS...)
-
-
-def keep_freed_host_memory() -> bool:
-    """Have glibc keep freed memory for reuse rather than hand it back to the kernel; True if it took.
-
-    XLA:CPU allocates a program's buffers afresh on every call and glibc serves big ones with new mmaps,
-    so each step faults in and zeroes every 4 KiB page of every temporary again: a third of the default
-    training step on a 2-core CPU. With one arena, no mmap and no trimming, freed buffers are reused: the
-    heap grows over the first steps, then stays at its high-water mark, as a framework's caching allocator
-    would. (Trimming above 2 GiB still gave 1.7 GB back every other step of a 64M-parameter model.)
-    Takes effect only before JAX starts its threads: call it first in a program. It does nothing where the
-    C library is not glibc.
-    """
-    if not GLIBC:
-        return False
-    libc = ctypes.CDLL("libc.so.6")
-    M_TRIM_THRESHOLD, M_MMAP_MAX, M_ARENA_MAX = -1, -4, -8  # from <malloc.h>; a threshold of -1: never trim
-    return all(libc.mallopt(k, v) == 1 for k, v in [(M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)])
-
-
-def compiler_options(device) -> dict:
-    """XLA options for programs on `device`'s platform: the training step, and the matmul peak MFU divides by.
-
-    On CPUs: XLA's YNNPACK fusions are turned off. Their reductions over a leading axis (the gradient of every
-    bias and LayerNorm) run on one core and far slower than XLA's own (a 2048 x 50304 column sum: 1.9 s
-    against 0.05 s), and XLA's own matmuls are faster too (a 1024^2 matmul: 210 to 230 GFLOP/s against 175
-    to 200 here). And max/min need not propagate NaNs: the step's maxima are the softmax stabilisers, and a
-    NaN in the logits reaches the loss through the exponentials anyway, where train.py stops on it.
-    """
-    if device.platform != "cpu":
-        return {}
-    return {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_enable_fast_min_max": True}
 
 
 def make_mesh(dp: int, mp: int, devices=None) -> Mesh:
@@ -68,12 +30,41 @@ def make_mesh(dp: int, mp: int, devices=None) -> Mesh:
     return Mesh(grid, (DP, MP), axis_types=(AxisType.Auto, AxisType.Auto))
 
 
-def mesh_for(mp: int, devices=None) -> Mesh:
-    """All devices, mp of them per model replica and the rest data parallel."""
-    devices = jax.devices() if devices is None else devices
+def mesh_for(mp: int, devices=None, hosts: dict | None = None) -> Mesh:
+    """All devices, mp of them per model replica and the rest data parallel. A replica's devices are on one host:
+    the mp collectives run every layer, and a host's own links (ICI, NVLink) are the fast ones. Devices are
+    ordered by host, then process, then id, so dp runs across hosts. hosts: {process index: host}; default one
+    host per process (a TPU host, or simulated devices); runtime.hosts() tells the hosts of a real run."""
+    devices = jax.devices() if devices is None else list(devices)
     if mp < 1 or len(devices) % mp:
         raise ValueError(f"cores_per_replica={mp} does not divide the {len(devices)} devices: pick a divisor")
+    hosts = hosts or {}
+    host_of = lambda d: hosts.get(d.process_index, f"process {d.process_index}")
+    rank = {h: i for i, h in enumerate(dict.fromkeys(host_of(d) for d in sorted(devices, key=_order)))}
+    devices = sorted(devices, key=lambda d: (rank[host_of(d)], _order(d)))
+    per_host = {}
+    for d in devices:
+        per_host[host_of(d)] = per_host.get(host_of(d), 0) + 1
+    for host, n in per_host.items():
+        if n % mp:
+            raise ValueError(f"cores_per_replica={mp} cannot be placed: {host} has {n} devices, and a model replica "
+                             f"stays within one host: choose a divisor of {n}")
     return make_mesh(len(devices) // mp, mp, devices)
+
+
+def _order(device):
+    return device.process_index, device.id
+
+
+def local_rows(sharding, shape, axis: int) -> slice:
+    """The rows along `axis` of a global array of `shape` that this process's devices hold, as one slice: what
+    the process builds of a batch (the mesh puts each process's devices at consecutive dp positions)."""
+    spans = {idx[axis].indices(shape[axis])[:2] for idx in sharding.addressable_devices_indices_map(shape).values()}
+    start, stop = min(a for a, _ in spans), max(b for _, b in spans)
+    covered = sum(b - a for a, b in spans)
+    if covered != stop - start:
+        raise ValueError(f"this process holds rows {sorted(spans)} of the batch, not one run of them")
+    return slice(start, stop)
 
 
 def check(cfg: gptj.Config, mesh: Mesh, batch: int | None = None):
@@ -121,6 +112,14 @@ def zero_spec(spec: P, shape, dp: int) -> P:
             axes[i] = DP
             return P(*axes)
     return P(*axes)
+
+
+def host(x) -> np.ndarray:
+    """An array's whole value on this host, gathered from the other processes where it spans them."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def named(mesh: Mesh, specs):

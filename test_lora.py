@@ -145,7 +145,7 @@ def test_sharded_lora_step_equals_unsharded(dp, mp, seed):
     for _ in range(2):
         b = rng.integers(0, 64, (2, 8, run.seq + 1)).astype(np.int32)
         state, want = step(state, b, frozen)
-        sharded, got = t.step(sharded, jax.device_put(b, t.batch_sharding), placed)
+        sharded, got = t.step(sharded, jax.device_put(b, t.batch_sharding), placed, t.halt(0))
         assert all(math.isclose(float(got[k]), float(want[k]), rel_tol=1e-5) for k in want)
         lr_sum += float(want["lr"])
     assert lr_sum > 0

@@ -19,6 +19,7 @@ from hypothesis import given, strategies as st
 import ckpt
 import data
 import gptj
+import runtime
 import shard
 import train
 
@@ -102,7 +103,7 @@ def test_sharded_zero_step_equals_unsharded(dp, mp, seed, ids):
     sharded = jax.device_put(state, t.shardings)
     for b in batches:
         state, want = step(state, b)
-        sharded, got = t.step(sharded, jax.device_put(b, t.batch_sharding), {})
+        sharded, got = t.step(sharded, jax.device_put(b, t.batch_sharding), {}, t.halt(0))
         assert all(math.isclose(float(got[k]), float(want[k]), rel_tol=1e-5) for k in want)
     for path, a, b in zip(jax.tree_util.tree_leaves_with_path(sharded), jax.tree.leaves(sharded), jax.tree.leaves(state)):
         a, b = np.asarray(a), np.asarray(b)
@@ -142,14 +143,14 @@ def test_stop_by_signal_and_resume_is_bit_identical(tmp_path, corpus, monkeypatc
 
     # SIGTERM arrives while step 3 runs (as a preemption would): the run saves step 3 and returns.
     cut = make_run(tmp_path / "b", corpus)
-    real = data.batch_at
-    def batch_at(tokens, position, n, seq, seed):
-        if position == 2 * n:
+    real = data.Stream.rows
+    def rows(self, positions):
+        if positions[0] == 2 * len(positions):
             os.kill(os.getpid(), signal.SIGTERM)
-        return real(tokens, position, n, seq, seed)
-    monkeypatch.setattr(data, "batch_at", batch_at)
+        return real(self, positions)
+    monkeypatch.setattr(data.Stream, "rows", rows)
     assert train.train(cut, ONE)["step"] == 3
-    monkeypatch.setattr(data, "batch_at", real)
+    monkeypatch.setattr(data.Stream, "rows", real)
     assert os.path.basename(ckpt.latest(cut.model_dir)) == "step_00000003"
     assert ckpt.read_meta(ckpt.latest(cut.model_dir))["data_position"] == 3 * 2  # 3 steps of 2 rows
 
@@ -172,13 +173,13 @@ def python_sigint():
 
 def test_a_second_interrupt_is_not_caught(tmp_path, corpus, monkeypatch, python_sigint):
     run = make_run(tmp_path, corpus)
-    real = data.batch_at
-    def batch_at(tokens, position, n, seq, seed):
-        if position == 2 * n:  # a stuck step: Ctrl-C, and again
+    real = data.Stream.rows
+    def rows(self, positions):
+        if positions[0] == 2 * len(positions):  # a stuck step: Ctrl-C, and again
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)
-        return real(tokens, position, n, seq, seed)
-    monkeypatch.setattr(data, "batch_at", batch_at)
+        return real(self, positions)
+    monkeypatch.setattr(data.Stream, "rows", rows)
     with pytest.raises(KeyboardInterrupt):
         train.train(run, ONE)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -319,17 +320,15 @@ def test_benchmark_prints_speed_and_mfu(capsys):
 
 def test_cpu_step_compiles_without_ynnpack_fusions():
     t = train.Trainer(train.Run(**{**train.KEYS, **TINY}), ONE)
-    batch = jax.ShapeDtypeStruct((1, t.batch, 17), jnp.int32, sharding=t.batch_sharding)
-    assert "__ynn_fusion" not in t.step.lower(t.shapes, batch, t.frozen_shapes).compile().as_text()
+    assert "__ynn_fusion" not in t.lower().compile().as_text()
     column_sum = jax.jit(lambda x: x.sum(0)).lower(jnp.ones((64, 64)))  # what the option is there for
     assert "__ynn_fusion" in column_sum.compile().as_text()
-    assert "__ynn_fusion" not in column_sum.compile(shard.compiler_options(t.device)).as_text()
+    assert "__ynn_fusion" not in column_sum.compile(runtime.compiler_options(t.device)).as_text()
 
 
 def test_one_device_step_has_no_collectives_and_no_transposed_logit_gradient():
     t = train.Trainer(train.Run(**{**train.KEYS, **TINY, "per_replica_batch": 3}), ONE)  # 3 x 16 != d_model
-    batch = jax.ShapeDtypeStruct((1, 3, 17), jnp.int32, sharding=t.batch_sharding)
-    hlo = t.step.lower(t.shapes, batch, t.frozen_shapes).compile().as_text()
+    hlo = t.lower().compile().as_text()
     assert "all-reduce" not in hlo  # no shard_map on one device: its backward psums every gradient
     # From 3-D activations XLA:CPU transposed the logits' gradient, to [n_vocab, batch, seq], for the
     # lm_head weight gradient.
@@ -412,15 +411,15 @@ def test_bad_input_is_one_line_and_exits_nonzero(tmp_path, corpus, capsys, args,
     assert err[-1].startswith("error: ") and message in err[-1], err
 
 
-@pytest.mark.skipif(not shard.GLIBC, reason="glibc only")
+@pytest.mark.skipif(not runtime.GLIBC, reason="glibc only")
 @pytest.mark.parametrize("keep", [False, True])
 def test_freed_host_memory_is_reused_not_faulted_in_again(keep):
     # Fresh processes: the setting only takes before JAX starts its threads. A loop like training's: donated
     # state, and a 256 MiB temporary per call, which without the setting faults in its pages again each time.
     code = f"""if 1:
         import resource
-        import shard
-        took = {keep} and shard.keep_freed_host_memory()
+        import runtime
+        took = {keep} and runtime.keep_freed_host_memory()
         import jax, jax.numpy as jnp
         f = jax.jit(lambda x: x * 2 + 1, donate_argnums=0)
         g = jax.jit(lambda x: x.sum(0) + jnp.tanh(x * 2).sum(0))
@@ -447,15 +446,15 @@ def test_freed_host_memory_is_reused_not_faulted_in_again(keep):
             assert int(faults) > 8 * pages_per_call, res.stdout
 
 
-@pytest.mark.skipif(not shard.GLIBC, reason="glibc only")
+@pytest.mark.skipif(not runtime.GLIBC, reason="glibc only")
 @pytest.mark.parametrize("trim_above_2_gib", [False, True])
 def test_freed_host_memory_is_kept_above_2_gib(trim_above_2_gib):
     # glibc's largest trim threshold short of "never" is 2 GiB; a model whose step frees more than that at the
     # top of the heap would have it handed back to the kernel and faulted in again on the next step.
     code = f"""if 1:
         import ctypes, resource
-        import shard
-        assert shard.keep_freed_host_memory()
+        import runtime
+        assert runtime.keep_freed_host_memory()
         libc = ctypes.CDLL("libc.so.6")
         if {trim_above_2_gib}:  # the problem, so that the assertion below means something
             libc.mallopt(-1, 2**31 - 1)

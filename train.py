@@ -6,7 +6,9 @@
     python train.py --benchmark                       # tokens/s and MFU on random tokens
 """
 import argparse
+import contextlib
 import dataclasses
+import importlib.util
 import json
 import math
 import os
@@ -14,7 +16,6 @@ import secrets
 import signal
 import sys
 import time
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +29,7 @@ import data
 import decode
 import gptj
 import lora
+import runtime
 import shard
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "shakespeare.json")
@@ -57,13 +59,13 @@ class ConfigError(ValueError):
     pass
 
 
-def _model(self) -> gptj.Config:
-    """The gptj.Config this run trains."""
+def _model(self, platform: str | None = None) -> gptj.Config:
+    """The gptj.Config this run trains on `platform` (default: JAX's default backend's)."""
     if self.norm != "layernorm" or self.pe != "rotary":
         raise ConfigError(f"norm={self.norm!r}, pe={self.pe!r}: GPT-J uses norm 'layernorm' and pe 'rotary'")
     dtype = self.dtype
     if dtype == "auto":  # bf16 compute where the matrix units want it, fp32 on CPUs
-        dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+        dtype = "float32" if (platform or jax.default_backend()) == "cpu" else "bfloat16"
     n_ctx = self.n_ctx or self.seq
     if self.seq > n_ctx:
         raise ConfigError(f"seq={self.seq} is above the model's context n_ctx={n_ctx}: lower seq")
@@ -207,8 +209,9 @@ def linear_layer(run: Run):
 def make_step(run: Run, cfg: gptj.Config, mesh):
     """The compiled training step: gradient accumulation over micro-batches inside one program.
 
-    step(state, batch, frozen=None): state["params"] are what trains, frozen (LoRA's base weights) what does not:
-    the model runs on both, and only the trained params get gradients and optimizer state."""
+    step(state, batch, frozen=None, halt=None): state["params"] are what trains, frozen (LoRA's base weights) what
+    does not: the model runs on both, and only the trained params get gradients and optimizer state. halt: every
+    dp row's flags (see Trainer.halt), returned as their maximum, so that all processes learn them at once."""
     opt = optimizer(run)
     acc_dtype = jnp.dtype(run.grad_acc_dtype)
     linear = linear_layer(run)
@@ -219,7 +222,7 @@ def make_step(run: Run, cfg: gptj.Config, mesh):
             return gptj.loss_fn(params, tokens, cfg, z_loss=run.z_loss, linear=linear)
         return shard.loss_fn(params, tokens, cfg, mesh, z_loss=run.z_loss, linear=linear)
 
-    def step(state, batch, frozen=None):  # batch [grad_acc, batch, seq + 1]
+    def step(state, batch, frozen=None, halt=None):  # batch [grad_acc, batch, seq + 1]
         params, frozen = state["params"], {} if frozen is None else frozen
 
         def micro(acc, tokens):
@@ -232,7 +235,8 @@ def make_step(run: Run, cfg: gptj.Config, mesh):
         updates, opt_state = opt.update(grads, state["opt_state"], params)
         new = {"params": optax.apply_updates(params, updates), "opt_state": opt_state}
         count = state["opt_state"][-1].count  # the schedule's own step counter: the lr this step used
-        return new, {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads), "lr": schedule(run)(count)}
+        metrics = {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads), "lr": schedule(run)(count)}
+        return new, metrics | ({} if halt is None else {"halt": halt.max()})
 
     return opt, step
 
@@ -252,7 +256,7 @@ def matmul_peak(device, dtype) -> float:
     n = 1024 if device.platform == "cpu" else 8192
     x = jax.device_put(jnp.ones((n, n), dtype), device)
     f = jax.jit(lambda x: jax.lax.fori_loop(0, 4, lambda i, y: (y @ x) * (1 / n), x),
-                compiler_options=shard.compiler_options(device))
+                compiler_options=runtime.compiler_options(device))
     f(x).block_until_ready()
     best = math.inf
     for _ in range(3):
@@ -264,12 +268,15 @@ def matmul_peak(device, dtype) -> float:
 
 # ---------------------------------------------------------------- the run
 class Trainer:
-    """Holds what the loop needs: mesh, compiled step, shardings. The state itself stays explicit."""
+    """What a run keeps fixed: mesh, compiled programs, shardings, and which rows of a batch this process builds.
+    The state itself stays explicit. devices: those to train on (default all, of every process); hosts:
+    {process index: host}, which keeps each model replica inside one host (runtime.hosts())."""
 
-    def __init__(self, run: Run, devices=None):
-        self.run, self.cfg = run, run.model()
-        self.mesh = shard.mesh_for(run.cores_per_replica, devices)
-        self.device = self.mesh.devices.flat[0]  # one of them, for what depends only on the platform
+    def __init__(self, run: Run, devices=None, hosts=None):
+        self.mesh = shard.mesh_for(run.cores_per_replica, devices, hosts)
+        mine = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
+        self.device = (mine or list(self.mesh.devices.flat))[0]  # for what depends only on the platform
+        self.run, self.cfg = run, run.model(self.device.platform)
         self.dp = self.mesh.shape[shard.DP]
         self.batch = run.per_replica_batch * self.dp
         shard.check(self.cfg, self.mesh, self.batch)
@@ -289,15 +296,31 @@ class Trainer:
         frozen = jax.eval_shape(self.random_frozen, jax.random.PRNGKey(0)) if self.lora else {}
         self.frozen_shardings = shard.named(self.mesh, shard.param_specs(frozen)) if self.lora else {}
         self.frozen_shapes = self._placed(frozen, self.frozen_shardings)
+        self.batch_shape = (run.gradient_accumulation_steps, self.batch, run.seq + 1)
         self.batch_sharding = NamedSharding(self.mesh, P(None, shard.DP, None))
-        # step(state, batch, frozen) -> (state, metrics); frozen is {} unless LoRA
-        self.step = jax.jit(step, in_shardings=(self.shardings, self.batch_sharding, self.frozen_shardings),
-                            out_shardings=(self.shardings, None), donate_argnums=0,
-                            compiler_options=shard.compiler_options(self.device))
+        self.rows = shard.local_rows(self.batch_sharding, self.batch_shape, 1)  # what this process builds
+        self.halt_sharding = NamedSharding(self.mesh, P(shard.DP))
+        replicated = NamedSharding(self.mesh, P())
+        # step(state, batch, frozen, halt) -> (state, metrics); frozen is {} unless LoRA
+        self.step = jax.jit(step, in_shardings=(self.shardings, self.batch_sharding, self.frozen_shardings,
+                                                self.halt_sharding),
+                            out_shardings=(self.shardings, replicated), donate_argnums=0,
+                            compiler_options=runtime.compiler_options(self.device))
+        rows, linear = NamedSharding(self.mesh, P(shard.DP, None)), linear_layer(run)
+        self.evaluate = jax.jit(
+            lambda p, b, mask, f: shard.loss_fn(lora.combine(f, p), b, self.cfg, self.mesh, mask, linear=linear),
+            in_shardings=(self.shardings["params"], rows, rows, self.frozen_shardings), out_shardings=replicated)
+        self.eval_sharding = rows
 
     @staticmethod
     def _placed(shapes, shardings):
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+    def lower(self):
+        """The step lowered for abstract inputs: what --plan compiles, with nothing allocated."""
+        batch = jax.ShapeDtypeStruct(self.batch_shape, jnp.int32, sharding=self.batch_sharding)
+        halt = jax.ShapeDtypeStruct((self.dp,), jnp.int32, sharding=self.halt_sharding)
+        return self.step.lower(self.shapes, batch, self.frozen_shapes, halt)
 
     def init_state(self, key, params=None):
         if params is None:
@@ -320,13 +343,49 @@ class Trainer:
         adapters = sum(x.size for x in jax.tree.leaves(self.shapes["params"])) if self.lora else 0
         return flops_per_token(self.cfg, self.run.seq, adapters)
 
+    # Each process builds only the rows its devices hold; together they are the global batch.
+    def local_batch(self, stream: data.Stream, position: int) -> np.ndarray:
+        """This process's rows of the batch at `position`: int32 [grad_acc, rows, seq + 1]. The global batch is
+        stream positions position..position + grad_acc * batch - 1, micro-batch by micro-batch."""
+        acc, batch, width = self.batch_shape
+        seqs = position + np.arange(acc)[:, None] * batch + np.arange(self.rows.start, self.rows.stop)
+        return stream.rows(seqs.reshape(-1)).reshape(acc, -1, width)
 
-def plan(run: Run, devices=None) -> dict:
+    def global_batch(self, local: np.ndarray) -> jax.Array:
+        return jax.make_array_from_process_local_data(self.batch_sharding, local, self.batch_shape)
+
+    def halt(self, flags: int) -> jax.Array:
+        """A step's input flags (STOP, ERROR) from this process; the step returns their maximum over all."""
+        mine = shard.local_rows(self.halt_sharding, (self.dp,), 0)
+        return jax.make_array_from_process_local_data(self.halt_sharding, np.full(mine.stop - mine.start, flags,
+                                                                                  np.int32), (self.dp,))
+
+    def validate(self, params, frozen, val_sets: dict, batches: int) -> dict:
+        """Mean loss over the first `batches` batches of consecutive windows of each validation set: "val_loss" for
+        the first, val_loss_<name> for more (the original's configs name several). A set smaller than one batch is
+        one short batch, padded with rows that the mask leaves out."""
+        out = {}
+        for i, (name, toks) in enumerate(val_sets.items()):
+            windows = data.num_windows(toks, self.run.seq)
+            rows = min(self.batch, windows)
+            losses = []
+            for b in range(min(windows // rows, batches)):
+                index = np.arange(b * rows, b * rows + self.batch)
+                mask = (index < b * rows + rows).astype(np.float32)[:, None].repeat(self.run.seq, 1)
+                index = np.where(mask[:, 0] > 0, index, b * rows)
+                tokens = data.window_rows(toks, index[self.rows], self.run.seq)
+                tokens, mask = (jax.make_array_from_process_local_data(self.eval_sharding, x, (self.batch,) + x.shape[1:])
+                                for x in (tokens, mask[self.rows]))
+                losses.append(float(self.evaluate(params, tokens, mask, frozen)))
+            if losses:  # val_batches 0: no validation, as in the original's example config
+                out["val_loss" if i == 0 else f"val_loss_{name}"] = float(np.mean(losses))
+        return out
+
+
+def plan(run: Run, devices=None, topology: str | None = None) -> dict:
     """Compile the real step for the config's mesh on abstract shapes; per-device memory without allocating."""
     t = Trainer(run, devices)
-    batch = jax.ShapeDtypeStruct((run.gradient_accumulation_steps, t.batch, run.seq + 1), jnp.int32,
-                                 sharding=t.batch_sharding)
-    compiled = t.step.lower(t.shapes, batch, t.frozen_shapes).compile()
+    compiled = t.lower().compile()
     mem = compiled.memory_analysis()
 
     def per_device(tree):
@@ -336,16 +395,34 @@ def plan(run: Run, devices=None) -> dict:
                            per_device(t.frozen_shapes))
     temp = int(mem.temp_size_in_bytes)
     return {"devices": t.mesh.size, "platform": t.device.platform, "device_kind": t.device.device_kind,
+            "topology": topology, "dtype": t.cfg.dtype, "remat": t.cfg.remat,
             "mesh": {"dp": t.dp, "mp": t.mesh.shape[shard.MP]}, "params_bytes": params,
             "opt_state_bytes": opt, "frozen_bytes": frozen, "temp_bytes": temp,
             "total_bytes": params + opt + frozen + temp,
             "flops_per_step": t.flops_per_token() * t.tokens_per_step()}
 
 
-def plan_devices(run: Run, topology=None) -> list:
-    """The devices --plan compiles for without owning them: a TPU topology's (its compiler's own memory analysis;
-    libtpu works on a machine without TPUs), or simulated CPU devices."""
+def v3_topology(tpu_size: int) -> str:
+    """The original's tpu_size, a TPU v3-N (N cores, two a chip), as a topology name: v3-8 -> v3:2x2,
+    v3-256 -> v3:8x16."""
+    chips = tpu_size // 2
+    if tpu_size < 2 or chips & (chips - 1):
+        raise ConfigError(f"tpu_size={tpu_size}: a TPU v3 slice has 2^k cores (8, 32, 256...); --topology names others")
+    a = 2 ** (chips.bit_length() // 2)  # the shorter side
+    return f"v3:{min(a, chips // a)}x{max(a, chips // a)}"
+
+
+def has_libtpu() -> bool:
+    return importlib.util.find_spec("libtpu") is not None
+
+
+def plan_devices(run: Run, topology=None) -> tuple[list, str | None]:
+    """The devices --plan compiles for without owning them, and their topology: a TPU topology's (its compiler's
+    own memory analysis; libtpu works on a machine without TPUs), by default the v3-N of tpu_size where libtpu is
+    installed, or else simulated CPU devices."""
     n = max(run.tpu_size or run.cores_per_replica, 1)
+    if topology is None and run.tpu_size > 1 and has_libtpu():
+        topology = v3_topology(run.tpu_size)
     if topology:
         try:
             from jax.experimental import topologies
@@ -361,15 +438,15 @@ def plan_devices(run: Run, topology=None) -> list:
                               f"'jax[tpu]', which plans on a machine without TPUs)") from None
         if len(devices) < n:
             raise ConfigError(f"--topology {topology} has {len(devices)} devices, the config needs {n}")
-        return list(devices)[:n]
+        return list(devices)[:n], topology
     jax.config.update("jax_num_cpu_devices", n)
-    return jax.devices() if len(jax.devices()) >= n else jax.devices("cpu")[:n]
+    return (jax.devices() if len(jax.devices()) >= n else jax.devices("cpu")[:n]), None
 
 
 def time_steps(step, state, batch, steps: int, warmup: int = 10):
     """Time a step function `state, metrics = step(state, batch)`: (seconds of the first call, compiling
     included; mean seconds of `steps` calls after `warmup` more). The warm-up lets a CPU's heap reach its
-    high-water mark (see shard.keep_freed_host_memory): until then a step can fault in fresh pages, which
+    high-water mark (see runtime.keep_freed_host_memory): until then a step can fault in fresh pages, which
     on this 2-core CPU made 1 in 5 runs with a 5-step warm-up a quarter slower."""
     start = time.perf_counter()
     state, m = step(state, batch)
@@ -396,19 +473,20 @@ def speed_record(flops_per_token: float, tokens_per_step: int, step_s: float, co
 def benchmark(run: Run, steps: int = 5) -> dict:
     """Time `steps` training steps on random tokens. The matmul peak is measured before and after them and the
     higher kept: on a shared CPU a single reading can be a third low, which would inflate mfu."""
-    t = Trainer(run)
+    t = Trainer(run, hosts=runtime.hosts())
     peak = matmul_peak(t.device, t.cfg.dtype)
-    rng = np.random.default_rng(0)
-    batch = jax.device_put(rng.integers(0, 50257, (run.gradient_accumulation_steps, t.batch, run.seq + 1),
-                                        dtype=np.int32), t.batch_sharding)
+    rng = np.random.default_rng(0)  # the same tokens on every process; each puts its own rows
+    batch = t.global_batch(rng.integers(0, 50257, t.batch_shape, dtype=np.int32)[:, t.rows])
     frozen = jax.jit(t.random_frozen, out_shardings=t.frozen_shardings)(jax.random.PRNGKey(1)) if t.lora else {}
-    compile_s, step_s = time_steps(lambda s, b: t.step(s, b, frozen), t.fresh_state(), batch, steps)
+    halt = t.halt(0)
+    compile_s, step_s = time_steps(lambda s, b: t.step(s, b, frozen, halt), t.fresh_state(), batch, steps)
     peak = max(peak, matmul_peak(t.device, t.cfg.dtype)) * t.mesh.size
     record = speed_record(t.flops_per_token(), t.tokens_per_step(), step_s, compile_s, peak, t.mesh.size)
     return {**record, "device": t.device.device_kind, "dtype": t.cfg.dtype, "params": t.cfg.n_params()}
 
 
 # ---------------------------------------------------------------- the loop
+STOP, ERROR = 1, 2  # the flags a step carries from every process: a stop signal seen, an error seen
 SHAPE_FIELDS = ("n_vocab", "d_model", "n_layer", "n_head", "rotary_dim", "d_ff")
 
 
@@ -471,30 +549,56 @@ def fmt_time(s):
     return f"{int(s // 3600)}h{int(s % 3600 // 60):02d}m" if s >= 3600 else f"{int(s // 60)}m{int(s % 60):02d}s"
 
 
-def train(run: Run, devices=None) -> dict:
-    """The training loop: resume or initialise, then step, log, validate, checkpoint; returns the last log record."""
-    t = Trainer(run, devices)
-    cfg = t.cfg
+def note(message: str):
+    """Progress and notes come from process 0 alone."""
+    if runtime.is_main():
+        print(message, file=sys.stderr, flush=True)
+
+
+def bad_ids(tokens: np.ndarray, n_vocab: int, name: str) -> ConfigError | None:
+    top = int(tokens.max()) if tokens.size else 0
+    if top >= n_vocab:
+        return ConfigError(f"{name} holds token id {top}, not below n_vocab={n_vocab}: tokenize it with the "
+                           f"model's vocabulary, or raise n_vocab")
+    return None
+
+
+def datasets(run: Run, cfg: gptj.Config):
+    """(the training stream, {name: validation tokens}, training tokens), checked. Every host reads the same files:
+    they must be on a shared or replicated folder."""
     if run.sample_tokens and (cfg.n_vocab <= data.EOT or run.sample_tokens + 1 > cfg.n_ctx):
         raise ConfigError(f"sample_tokens={run.sample_tokens}: the final sample needs GPT-2's vocabulary (n_vocab > "
                           f"{data.EOT}) and sample_tokens + 1 <= n_ctx = {cfg.n_ctx}: lower it, or 0 for no sample")
     os.makedirs(run.model_dir, exist_ok=True)
     train_tokens = data.load_tokens(run.train_set)
-    val_sets = run.val_set if isinstance(run.val_set, dict) else ({"val": run.val_set} if run.val_set else {})
-    val_tokens = {name: data.load_tokens(spec) for name, spec in val_sets.items()}
-    for name, toks in [("train_set", train_tokens)] + list(val_tokens.items()):
+    specs = run.val_set if isinstance(run.val_set, dict) else ({"val": run.val_set} if run.val_set else {})
+    val = {name: data.load_tokens(spec) for name, spec in specs.items()}
+    for name, toks in [("train_set", train_tokens)] + list(val.items()):
         if len(toks) < run.seq + 1:
             raise ConfigError(f"{name} has {len(toks)} tokens, fewer than seq + 1 = {run.seq + 1}: more data or lower seq")
+    for name, toks in val.items():  # now; the training set batch by batch, as it can be huge
+        error = bad_ids(toks, cfg.n_vocab, "val_set" if len(val) == 1 else f"val_set {name}")
+        if error:
+            raise error
+    return data.Stream(train_tokens, run.seq, run.seed), val, len(train_tokens)
 
-    def check_ids(tokens, name):
-        if tokens.max() >= cfg.n_vocab:
-            raise ConfigError(f"{name} holds token id {tokens.max()}, not below n_vocab={cfg.n_vocab}: tokenize it "
-                              f"with the model's vocabulary, or raise n_vocab")
 
-    for name, toks in val_tokens.items():  # now; the training set batch by batch, as it can be huge
-        check_ids(toks, "val_set" if len(val_tokens) == 1 else f"val_set {name}")
+@dataclasses.dataclass
+class Start:
+    """Where a run starts: a restored state, or params to initialise one from (None: random); the frozen base and
+    what it is (LoRA); the step and data position."""
+    state: dict | None
+    params: dict | None
+    frozen: dict
+    adapted: dict | None
+    step: int
+    position: int
 
-    frozen, adapted = {}, None
+
+def restore(t: Trainer, run: Run) -> Start:
+    """Resume from the newest complete checkpoint in model_dir, else start from init_from / lora_from or afresh.
+    Each process reads just the slices its own devices hold."""
+    cfg, frozen, adapted = t.cfg, {}, None
     if t.lora:  # the base loads straight into the compute dtype: it never trains, and fp32 would double it
         if not run.init_from:
             raise ConfigError("lora_rank > 0 needs init_from: the base weights that the adapters adapt")
@@ -508,106 +612,128 @@ def train(run: Run, devices=None) -> dict:
         check_compatible(cfg, ckpt.meta_config(meta, os.path.join(latest, "meta.json")), f"model_dir {run.model_dir}")
         check_same_lora(ckpt.lora_meta(meta, latest) if "lora" in meta else None, adapted, f"model_dir {run.model_dir}")
         state = ckpt.load(latest, like=t.shapes, mesh=t.mesh, specs=t.shardings)
-        step, position = meta["step"], meta["data_position"]
-        print(f"resumed from {latest} (step {step})", file=sys.stderr)
-    else:
-        params = None
-        if t.lora and run.lora_from:  # continue adapters trained elsewhere, with a fresh optimizer
-            params = ckpt_peft.read_adapters(run.lora_from, cfg, run.lora_rank, run.lora_alpha, t.targets)
-            params = jax.device_put(params, t.shardings["params"])
-            print(f"adapters from {run.lora_from}", file=sys.stderr)
-        elif run.init_from and not t.lora:
-            params, init_cfg = ckpt.load_weights(run.init_from, mesh=t.mesh, dtype="float32")
-            check_compatible(cfg, init_cfg, f"init_from {run.init_from}")
-        if run.init_from:
-            print(f"initialised from {run.init_from}", file=sys.stderr)
-        state, step, position = t.fresh_state(params), 0, 0
+        note(f"resumed from {latest} (step {meta['step']})")
+        return Start(state, None, frozen, adapted, meta["step"], meta["data_position"])
+    params = None
+    if t.lora and run.lora_from:  # continue adapters trained elsewhere, with a fresh optimizer
+        params = ckpt_peft.read_adapters(run.lora_from, cfg, run.lora_rank, run.lora_alpha, t.targets)
+        params = jax.device_put(params, t.shardings["params"])
+        note(f"adapters from {run.lora_from}")
+    elif run.init_from and not t.lora:
+        params, init_cfg = ckpt.load_weights(run.init_from, mesh=t.mesh, dtype="float32")
+        check_compatible(cfg, init_cfg, f"init_from {run.init_from}")
+    if run.init_from:
+        note(f"initialised from {run.init_from}")
+    return Start(None, params, frozen, adapted, 0, 0)
 
-    def save(step):
-        path = os.path.join(run.model_dir, f"step_{step:08d}")
-        extra = {"step": step, "data_position": position, "run": dataclasses.asdict(run)}
-        ckpt.save(path, state, cfg, extra | ({"lora": adapted} if adapted else {}), force=True)
+
+def save(run: Run, t: Trainer, state, step: int, position: int, adapted) -> str:
+    """Checkpoint step_<step> (written jointly by all processes), then prune the old ones."""
+    path = os.path.join(run.model_dir, f"step_{step:08d}")
+    extra = {"step": step, "data_position": position, "run": dataclasses.asdict(run)}
+    ckpt.save(path, state, t.cfg, extra | ({"lora": adapted} if adapted else {}), force=True)
+    if runtime.is_main():
         ckpt.prune(run.model_dir, run.keep_last, run.keep_every)
-        return path
+    return path
 
-    rows, linear = NamedSharding(t.mesh, P(shard.DP, None)), linear_layer(run)
-    evaluate = jax.jit(lambda p, b, mask, f: shard.loss_fn(lora.combine(f, p), b, cfg, t.mesh, mask, linear=linear),
-                       in_shardings=(t.shardings["params"], rows, rows, t.frozen_shardings))
 
-    def validate():
-        out = {}  # the first validation set is "val_loss", further ones (original configs' dicts) by name
-        for i, (name, toks) in enumerate(val_tokens.items()):
-            losses = []
-            for b, _ in zip(data.eval_batches(toks, t.batch, run.seq), range(run.val_batches)):
-                # A set smaller than one batch comes as one short batch: pad it with masked-out rows.
-                mask = np.zeros((t.batch, run.seq), np.float32)
-                mask[:len(b)] = 1
-                b = np.concatenate([b, np.repeat(b[:1], t.batch - len(b), axis=0)])
-                losses.append(float(evaluate(state["params"], b, mask, frozen)))
-            if losses:  # val_batches 0: no validation, as in the original's example config
-                out["val_loss" if i == 0 else f"val_loss_{name}"] = float(np.mean(losses))
-        return out
+class Progress:
+    """Times the steps and turns a step's metrics into a record: printed and logged by process 0. Raises on a
+    non-finite loss (every process sees the same loss, so all of them stop there)."""
 
-    peak = matmul_peak(t.device, cfg.dtype) * t.mesh.size
-    fpt = t.flops_per_token()
-    n_seqs = run.gradient_accumulation_steps * t.batch
-    print(f"{run.name}: {cfg.n_params() / 1e6:.1f}M params, mesh dp={t.dp} mp={t.mesh.shape[shard.MP]}, "
-          f"{t.tokens_per_step()} tokens/step, {len(train_tokens)} training tokens", file=sys.stderr)
-    last = {}
-    tick, tick_step, first_step = time.perf_counter(), step, step
-    stop = []
+    def __init__(self, run: Run, t: Trainer, step: int, train_tokens: int):
+        self.run, self.t, self.log = run, t, MetricsLog(run)
+        self.peak = matmul_peak(t.device, t.cfg.dtype) * t.mesh.size
+        self.fpt = t.flops_per_token()
+        self.tick, self.tick_step = time.perf_counter(), step
+        note(f"{run.name}: {t.cfg.n_params() / 1e6:.1f}M params, mesh dp={t.dp} mp={t.mesh.shape[shard.MP]}, "
+             f"{jax.process_count()} process(es), {t.tokens_per_step()} tokens/step, {train_tokens} training tokens")
+
+    def __call__(self, step: int, metrics: dict, validate) -> dict:
+        m = {k: float(v) for k, v in metrics.items() if k != "halt"}
+        if not math.isfinite(m["loss"]):
+            raise FloatingPointError(f"loss is {m['loss']} at step {step}: lower lr or check the data; "
+                                     f"the last good checkpoint is {ckpt.latest(self.run.model_dir)}")
+        now = time.perf_counter()
+        tps = (step - self.tick_step) * self.t.tokens_per_step() / (now - self.tick)
+        record = {"step": step, **m, "tokens_per_s": tps, "mfu": tps * self.fpt / self.peak, **validate()}
+        eta = (self.run.total_steps - step) * (now - self.tick) / (step - self.tick_step)
+        if runtime.is_main():
+            print(f"step {step}/{self.run.total_steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | {tps:,.0f} tok/s | "
+                  f"mfu {record['mfu']:.2f} | eta {fmt_time(eta)}"
+                  + "".join(f" | {k} {v:.4f}" for k, v in record.items() if k.startswith("val_loss")), flush=True)
+            self.log.write(record)
+        self.tick, self.tick_step = time.perf_counter(), step
+        return record
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, *_):
+        self.log.close(failed=kind is not None)
+
+
+@contextlib.contextmanager
+def stop_signals():
+    """SIGTERM (a preemption) and SIGINT (Ctrl-C) ask the run to stop: the list yielded gets the signal, the next
+    step carries it to every process, and all of them save that step and return. A second signal is not caught:
+    it stops the process at once. The handlers found are restored on the way out."""
+    seen = []
 
     def on_signal(signum, frame):
-        stop.append(signum)
-        signal.signal(signum, previous[signum] or signal.SIG_DFL)  # a second one is not caught: it stops at once
+        seen.append(signum)
+        signal.signal(signum, previous[signum] or signal.SIG_DFL)
 
-    metrics = MetricsLog(run)
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
-    failed = True
     try:
-        while step < run.total_steps and not stop:
-            batch = data.batch_at(train_tokens, position, n_seqs, run.seq, run.seed)
-            check_ids(batch, "train_set")
-            batch = batch.reshape(run.gradient_accumulation_steps, t.batch, run.seq + 1)
-            state, m = t.step(state, jax.device_put(batch, t.batch_sharding), frozen)
-            step, position = step + 1, position + n_seqs
-            evaluating = run.val_every > 0 and step % run.val_every == 0
-            saving = run.ckpt_every > 0 and step % run.ckpt_every == 0
-            if step % run.log_every == 0 or evaluating or saving or step == run.total_steps or stop:
-                m = {k: float(v) for k, v in m.items()}
-                if not math.isfinite(m["loss"]):
-                    raise FloatingPointError(f"loss is {m['loss']} at step {step}: lower lr or check the data; "
-                                             f"the last good checkpoint is {ckpt.latest(run.model_dir)}")
-                now = time.perf_counter()
-                tps = (step - tick_step) * t.tokens_per_step() / (now - tick)
-                record = {"step": step, **m, "tokens_per_s": tps, "mfu": tps * fpt / peak}
-                if evaluating or step == run.total_steps:
-                    record.update(validate())
-                eta = (run.total_steps - step) * (now - tick) / (step - tick_step)
-                print(f"step {step}/{run.total_steps} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | {tps:,.0f} tok/s | "
-                      f"mfu {record['mfu']:.2f} | eta {fmt_time(eta)}"
-                      + "".join(f" | {k} {v:.4f}" for k, v in record.items() if k.startswith("val_loss")), flush=True)
-                metrics.write(record)
-                last = record
-                tick, tick_step = time.perf_counter(), step
-            if saving or step == run.total_steps or stop:
-                if step > first_step or not latest:
-                    print(f"saved {save(step)}", file=sys.stderr)
-        if stop:
-            print(f"stopped by signal {stop[0]} at step {step}: resume with the same command", file=sys.stderr)
-        elif run.sample_tokens > 0:
-            enc = data.tokenizer()
-            row = decode.Row(decode.prompt_ids(enc, ""), run.sample_tokens, temperature=0.8, top_p=0.9,
-                             key=(run.seed, 0))
-            # Through the adapters as trained: merging would hold a second base, and bf16 would round the update.
-            params = lora.combine(frozen, state["params"])
-            text = enc.decode(decode.complete(params, cfg, [row], mesh=t.mesh, linear=linear)[0])
-            print(f"sample:\n{text}", flush=True)
-        failed = False
+        yield seen
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler or signal.SIG_DFL)  # None: a handler not set from Python
-        metrics.close(failed)
+
+
+def final_sample(run: Run, t: Trainer, params, frozen):
+    enc = data.tokenizer()
+    row = decode.Row(decode.prompt_ids(enc, ""), run.sample_tokens, temperature=0.8, top_p=0.9, key=(run.seed, 0))
+    # Through the adapters as trained: merging would hold a second base, and bf16 would round the update.
+    ids = decode.complete(lora.combine(frozen, params), t.cfg, [row], mesh=t.mesh, linear=linear_layer(run))[0]
+    if runtime.is_main():
+        print(f"sample:\n{enc.decode(ids)}", flush=True)
+
+
+def train(run: Run, devices=None) -> dict:
+    """The training loop: resume or initialise, then step, log, validate, checkpoint; returns the last record.
+    Every process of a multi-host run calls it alike; devices: a subset of this process's, for tests."""
+    hosts = runtime.hosts() if devices is None else None
+    with runtime.agreed():  # what one host alone can get wrong ends every process here, with its message
+        t = Trainer(run, devices, hosts)
+        stream, val_sets, n_tokens = datasets(run, t.cfg)
+        start = restore(t, run)
+    state = start.state if start.state is not None else t.fresh_state(start.params)
+    step, position, frozen, last = start.step, start.position, start.frozen, {}
+    with stop_signals() as signalled, Progress(run, t, step, n_tokens) as progress:
+        while step < run.total_steps:
+            local = t.local_batch(stream, position)
+            error = bad_ids(local, t.cfg.n_vocab, "train_set")
+            flags = STOP * bool(signalled) | ERROR * (error is not None)
+            state, m = t.step(state, t.global_batch(local), frozen, t.halt(flags))
+            step, position = step + 1, position + run.gradient_accumulation_steps * t.batch
+            halt = int(m["halt"])  # every process's flags: all of them stop, or fail, after the same step
+            if halt & ERROR:
+                runtime.agree(error)
+            final = step == run.total_steps or halt & STOP
+            evaluating = run.val_every > 0 and step % run.val_every == 0 or step == run.total_steps
+            saving = run.ckpt_every > 0 and step % run.ckpt_every == 0 or final
+            if step % run.log_every == 0 or evaluating or saving:
+                last = progress(step, m, lambda: t.validate(state["params"], frozen, val_sets, run.val_batches)
+                                if evaluating else {})
+            if saving:
+                note(f"saved {save(run, t, state, step, position, start.adapted)}")
+            if halt & STOP:
+                note(f"stopped by a signal at step {step}: resume with the same command")
+                return last
+        if run.sample_tokens > 0:
+            final_sample(run, t, state["params"], frozen)
     return last
 
 
@@ -620,16 +746,27 @@ def main(argv=None) -> int:
                                        "by the TPU compiler; needs libtpu (pip install 'jax[tpu]'), no TPU")
     ap.add_argument("--benchmark", action="store_true", help="time training steps on random tokens and exit")
     ap.add_argument("--benchmark_steps", type=int, default=5)
+    multi = ap.add_argument_group("many hosts", "one process per host (or per GPU) of one run; JAX detects Cloud "
+                                  "TPU pod slices, Slurm and Open MPI by itself, elsewhere give all three")
+    multi.add_argument("--coordinator_address", help="HOST:PORT of process 0, where the others connect")
+    multi.add_argument("--num_processes", type=int, help="how many processes the run has")
+    multi.add_argument("--process_id", type=int, help="this process's index, 0 to num_processes - 1")
+    multi.add_argument("--heartbeat_timeout_seconds", type=int, default=runtime.HEARTBEAT_S,
+                       help="a process silent this long is lost, and JAX ends the others (default %(default)s)")
     for key, default in KEYS.items():
         ap.add_argument(f"--{key}", metavar=type(default).__name__.upper(), help=f"(default {default!r})")
     args = ap.parse_args(argv)
     try:
-        overrides = {k: _parse_flag(k, v) for k, v in vars(args).items() if k in KEYS and v is not None}
-        run = load_config(args.config, overrides)
+        if not args.plan:  # --plan compiles for devices it does not own: it runs alone
+            runtime.start(args.coordinator_address, args.num_processes, args.process_id,
+                          args.heartbeat_timeout_seconds)
+        with runtime.agreed():  # a config file missing on one host ends every process
+            overrides = {k: _parse_flag(k, v) for k, v in vars(args).items() if k in KEYS and v is not None}
+            run = load_config(args.config, overrides)
         if args.plan:
-            devices = plan_devices(run, args.topology)
-            print(json.dumps(plan(run, devices)))
-            if devices[0].platform == "cpu" and run.model().dtype != "float32":
+            devices, topology = plan_devices(run, args.topology)
+            print(json.dumps(plan(run, devices, topology)))
+            if devices[0].platform == "cpu" and run.model("cpu").dtype != "float32":
                 print("note: XLA:CPU computes bf16 and fp16 matmuls in fp32 (and may hold fp32 copies of whole bf16 "
                       "weight stacks): temp_bytes can differ from an accelerator's; --topology plans with the TPU "
                       "compiler", file=sys.stderr)
@@ -644,5 +781,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    shard.keep_freed_host_memory()  # before JAX starts its threads
+    runtime.keep_freed_host_memory()  # before JAX starts its threads
     sys.exit(main())

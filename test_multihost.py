@@ -1,0 +1,228 @@
+"""train.py over several processes on loopback, as on the hosts of a pod slice: each process with its own
+simulated CPU devices, JAX's distributed runtime between them, gloo for the collectives.
+
+These start real processes and compile in each: they are few, tiny, and share one compilation cache."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import ckpt
+import data
+import sample
+import shard
+import train
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = dict(layers=2, d_model=32, n_heads=4, pe_rotary_dims=4, n_vocab=50304, seq=16, per_replica_batch=2,
+            cores_per_replica=2, warmup_steps=2, anneal_steps=10, lr=3e-3, end_lr=3e-4, total_steps=4, val_every=2,
+            val_batches=2, ckpt_every=2, log_every=1, sample_tokens=0)
+HEARTBEAT_S = 5  # how long a lost peer goes unnoticed, here; the default is runtime.HEARTBEAT_S
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("multihost")
+    tokens = np.asarray(data.load_tokens("shakespeare:val"))
+    tokens[:8000].tofile(folder / "train.tokens")
+    tokens[8000:10000].tofile(folder / "val.tokens")
+    config = {**TINY, "train_set": str(folder / "train.tokens"), "val_set": str(folder / "val.tokens")}
+    with open(folder / "tiny.json", "w") as f:
+        json.dump(config, f)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(setup, model_dir, processes: int, devices: int, extra=(), per_process=None, cache=True):
+    """Start `processes` train.py processes of one run, `devices` simulated CPU devices each."""
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
+           "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "PYTHONUNBUFFERED": "1"}
+    if cache:  # the same programs in every launch: compiled once
+        env |= {"JAX_COMPILATION_CACHE_DIR": str(setup / "jax-cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    port, procs = free_port(), []
+    for i in range(processes):
+        args = [sys.executable, os.path.join(HERE, "train.py"), "--config", str(setup / "tiny.json"),
+                "--model_dir", str(model_dir), *extra, *(per_process(i) if per_process else ())]
+        if processes > 1:
+            args += ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", str(processes),
+                     "--process_id", str(i), "--heartbeat_timeout_seconds", str(HEARTBEAT_S)]
+        procs.append(subprocess.Popen(args, env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    return procs
+
+
+def finish(procs, timeout=240):
+    out = []
+    for p in procs:
+        try:
+            stdout, stderr = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            raise
+        out.append((p.returncode, stdout, stderr))
+    return out
+
+
+def run(setup, model_dir, processes, devices, extra=(), **kw):
+    results = finish(launch(setup, model_dir, processes, devices, extra, **kw))
+    for rc, stdout, stderr in results:
+        assert rc == 0, stderr[-3000:]
+    return results
+
+
+def leaves(model_dir):
+    return {k: np.asarray(v) for k, v in ckpt._flat(ckpt.load(ckpt.latest(model_dir))).items()}
+
+
+def losses(model_dir):
+    return [json.loads(line)["loss"] for line in open(os.path.join(model_dir, "metrics.jsonl"))]
+
+
+def assert_close(a, b):
+    """Each leaf equal to 1e-6 relative, as a vector (the norm of the difference over the leaf's norm). Not per
+    element: Adam moves a parameter by about lr for any gradient, however small, so where a gradient is ~0 (a
+    vocabulary row no batch used but through the softmax) a rounding difference in it moves that element by a
+    whole step (measured here: 5.8e-5 of the largest wte entry, 1.8e-7 by norm)."""
+    assert a.keys() == b.keys()
+    for k in a:
+        diff = np.linalg.norm(a[k].astype(np.float64) - b[k])
+        assert diff <= 1e-6 * np.linalg.norm(b[k].astype(np.float64)), k
+
+
+@pytest.fixture(scope="module")
+def references(setup):
+    """The same run in 1 process of 8 devices and in 2 processes of 4 (mesh dp 4, mp 2 in both)."""
+    one, two = setup / "one", setup / "two"
+    run(setup, one, 1, 8)
+    results = run(setup, two, 2, 4)
+    return one, two, results
+
+
+def test_two_processes_train_as_one(setup, references, capsys):
+    one, two, results = references
+    (_, out0, err0), (_, out1, err1) = results
+    ours = lambda text: [line for line in text.splitlines() if not line.startswith("[Gloo]")]  # gloo's C++ logs
+    assert "step 4/4" in out0 and ours(out1) == []  # only process 0 reports
+    assert "2 process(es)" in err0 and "mesh dp=4 mp=2" in err0
+    assert not os.path.exists(two / "metrics.jsonl.1")
+    np.testing.assert_allclose(losses(two), losses(one), rtol=1e-6)
+    assert len(losses(two)) == 4
+    assert_close(leaves(two), leaves(one))  # the 2-process checkpoint reads in this one process
+    meta = ckpt.read_meta(ckpt.latest(two))
+    assert meta["processes"] == 2 and any("pieces" in v for v in meta["leaves"].values())
+    # sample.py reads it too.
+    assert sample.main(["--checkpoint", str(two), "--prompt", "To be", "--max_new_tokens", "3", "--greedy"]) == 0
+    assert capsys.readouterr().out.startswith("To be")
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_bit_identical(setup, references):
+    _, two, _ = references
+    cut = setup / "cut"
+    procs = launch(setup, cut, 2, 4, ["--total_steps", "40", "--ckpt_every", "0", "--val_every", "0"])
+    deadline = time.time() + 200
+    while not os.path.exists(cut / "metrics.jsonl") or len(open(cut / "metrics.jsonl").readlines()) < 2:
+        assert time.time() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)  # to process 1 only: process 0 learns of it through the next step
+    results = finish(procs)
+    assert [rc for rc, _, _ in results] == [0, 0], results[1][2][-3000:]
+    stopped = ckpt.read_meta(ckpt.latest(cut))["step"]
+    assert 2 <= stopped < 40 and "stopped by a signal" in results[0][2]
+    # Resumed with the reference's settings, it ends where an uninterrupted run ends: to the bit.
+    if stopped < TINY["total_steps"]:
+        run(setup, cut, 2, 4)
+        a, b = leaves(cut), leaves(two)
+        assert all(np.array_equal(a[k], b[k]) for k in b)
+    else:  # stopped past the reference's end: the reference resumed to this step gives the same bits
+        longer = setup / "longer"
+        os.makedirs(longer)
+        os.symlink(ckpt.latest(two), longer / os.path.basename(ckpt.latest(two)))
+        run(setup, longer, 2, 4, ["--total_steps", str(stopped), "--ckpt_every", "0", "--val_every", "0"])
+        a, b = leaves(cut), leaves(longer)
+        assert all(np.array_equal(a[k], b[k]) for k in b)
+
+
+def test_one_process_checkpoint_resumes_in_two(setup, references):
+    one, _, _ = references
+    half = setup / "half"
+    os.makedirs(half)
+    os.symlink(one / "step_00000002", half / "step_00000002")  # written by 1 process: resume it in 2
+    run(setup, half, 2, 4)
+    assert_close(leaves(half), leaves(one))
+
+
+def test_a_killed_peer_ends_the_survivor_within_the_heartbeat(setup):
+    procs = launch(setup, setup / "killed", 2, 4, ["--total_steps", "1000", "--ckpt_every", "0", "--val_every", "0"])
+    deadline = time.time() + 200
+    while not os.path.exists(setup / "killed" / "metrics.jsonl"):
+        assert time.time() < deadline and all(p.poll() is None for p in procs)
+        time.sleep(0.2)
+    procs[1].kill()
+    start = time.time()
+    rc, _, _ = finish(procs[:1], timeout=6 * HEARTBEAT_S)[0]
+    procs[1].wait()
+    assert rc != 0 and time.time() - start < 6 * HEARTBEAT_S
+
+
+def test_an_error_one_process_sees_ends_both_with_its_message(setup):
+    missing = str(setup / "not-on-this-host.tokens")
+    start = time.time()
+    results = finish(launch(setup, setup / "missing", 2, 4,
+                            per_process=lambda i: ["--train_set", missing] if i == 1 else []))
+    assert time.time() - start < 60  # not the 5-minute shutdown barrier
+    assert [rc for rc, _, _ in results] == [1, 1]
+    assert "not-on-this-host.tokens" in results[1][2].splitlines()[-1]
+    assert "process 1 failed" in results[0][2] and "not-on-this-host.tokens" in results[0][2]
+
+
+def test_a_bad_token_in_one_process_rows_ends_both(setup):
+    """A token id past n_vocab in a window that only process 1 builds, at step 3: both stop there, and the
+    checkpoint of step 2 is the newest."""
+    tokens = np.fromfile(setup / "train.tokens", data.TOKEN_DTYPE).copy()
+    order = data.Stream(tokens, TINY["seq"], 0).order(0)
+    batch = 4 * TINY["per_replica_batch"]  # dp 4
+    window = int(order[3 * batch - 1])  # step 3's last row: process 1's
+    tokens[window * TINY["seq"] + 3] = 60000
+    tokens.tofile(setup / "bad.tokens")
+    results = finish(launch(setup, setup / "bad", 2, 4, ["--train_set", str(setup / "bad.tokens")]))
+    assert [rc for rc, _, _ in results] == [1, 1]
+    assert "60000" in results[1][2].splitlines()[-1] and "process 1 failed" in results[0][2]
+    assert os.path.basename(ckpt.latest(setup / "bad")) == "step_00000002"
+
+
+class Subset:
+    """A sharding seen from a process that holds only some of its devices."""
+
+    def __init__(self, sharding, devices):
+        self.sharding, self.devices = sharding, set(devices)
+
+    def addressable_devices_indices_map(self, shape):
+        return {d: i for d, i in self.sharding.devices_indices_map(shape).items() if d in self.devices}
+
+
+def test_the_rows_of_all_processes_are_the_one_process_batch():
+    run_ = train.Run(**{**train.KEYS, **TINY, "gradient_accumulation_steps": 2})
+    t = train.Trainer(run_, jax.devices()[:8])  # dp 4, mp 2
+    tokens = np.asarray(data.load_tokens("shakespeare:val"))[:8000]
+    stream = data.Stream(tokens, run_.seq, run_.seed)
+    whole = data.batch_at(tokens, 24, 2 * t.batch, run_.seq, run_.seed).reshape(t.batch_shape)
+    parts = []
+    for devices in np.asarray(jax.devices()[:8]).reshape(4, 2):  # 4 "processes" of 2 devices: one replica each
+        t.rows = shard.local_rows(Subset(t.batch_sharding, devices), t.batch_shape, 1)
+        parts.append(t.local_batch(stream, 24))
+        assert parts[-1].shape == (2, t.batch // 4, run_.seq + 1)
+    np.testing.assert_array_equal(np.concatenate(parts, axis=1), whole)
