@@ -1,16 +1,18 @@
 """Checkpoints: GPT-J weights in and out of this project.
 
-Three layouts, told apart by `load_weights` from what the folder holds:
-  native    meta.json + one raw little-endian `<leaf.path>.bin` per pytree leaf (memory-mappable); `save`/`load`.
+Three layouts, told apart by `_open` (behind `load_weights`) from what the folder holds:
+  native    meta.json + one raw little-endian `<leaf.path>.bin` per pytree leaf (memory-mappable); `save`/`load`
+            here. Arrays that span processes are written jointly: a file per distinct block ("pieces" in
+            meta.json), and meta.json last, as the commit marker.
             A folder of `step_<8 digits>` native checkpoints (a training run) means its newest complete one.
             A LoRA run's checkpoints hold only adapters and name their base: they read as the merged weights.
-  HF        a HuggingFace GPT-J folder: config.json + model.safetensors, a sharded safetensors index, or
-            pytorch_model.bin. Torch Linear weights are [out, in]; ours are [in, out].
-  original  mesh-transformer-jax's shard_{0..S-1}/{0..15}.npz, read with that project's JSON config.
+  HF        a HuggingFace GPT-J folder (ckpt_hf.py).
+  original  mesh-transformer-jax's shard_{0..S-1}/{0..15}.npz, read with that project's JSON config (ckpt_orig.py).
 
 Tensors stream one at a time and go straight to their device shards (see `_place`), so host memory holds
-about one tensor beyond the target arrays. Writers fill a sibling temp folder and rename it into place,
-so a failed or interrupted write leaves nothing at the destination.
+about one tensor beyond the target arrays, and each process reads only the blocks its own devices hold. A single
+process's writers fill a sibling temp folder and rename it into place, so a failed or interrupted write leaves
+nothing at the destination; processes writing together rely on the commit marker instead.
 
 CLI: python ckpt.py SRC DST --to native|hf|peft [--config ORIGINAL.json] [--dtype float32|bfloat16|float16] [--force]
 (PEFT adapter folders: ckpt_peft.py.)
@@ -24,9 +26,7 @@ import math
 import os
 import re
 import shutil
-import struct
 import sys
-import zipfile
 from contextlib import contextmanager
 
 import jax
@@ -427,321 +427,6 @@ def prune(model_dir, keep_last: int, keep_every: int):
             shutil.rmtree(doomed)
 
 
-# ---------------------------------------------------------------- HuggingFace format
-
-HF_NAMES = {  # our leaf -> HF tensor name; {i} is the layer of a stacked leaf
-    "wte": "transformer.wte.weight",
-    "h.ln_1.weight": "transformer.h.{i}.ln_1.weight", "h.ln_1.bias": "transformer.h.{i}.ln_1.bias",
-    "h.q_proj.weight": "transformer.h.{i}.attn.q_proj.weight",
-    "h.k_proj.weight": "transformer.h.{i}.attn.k_proj.weight",
-    "h.v_proj.weight": "transformer.h.{i}.attn.v_proj.weight",
-    "h.out_proj.weight": "transformer.h.{i}.attn.out_proj.weight",
-    "h.fc_in.weight": "transformer.h.{i}.mlp.fc_in.weight", "h.fc_in.bias": "transformer.h.{i}.mlp.fc_in.bias",
-    "h.fc_out.weight": "transformer.h.{i}.mlp.fc_out.weight", "h.fc_out.bias": "transformer.h.{i}.mlp.fc_out.bias",
-    "ln_f.weight": "transformer.ln_f.weight", "ln_f.bias": "transformer.ln_f.bias",
-    "lm_head.weight": "lm_head.weight", "lm_head.bias": "lm_head.bias",
-}
-SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64"}
-
-
-def _hf_names(leaf, cfg):
-    """HF tensors holding our leaf (one per layer if stacked), and whether they are stored [out, in]."""
-    names = [HF_NAMES[leaf].format(i=i) for i in range(cfg.n_layer)] if leaf.startswith("h.") else [HF_NAMES[leaf]]
-    return names, leaf.endswith("weight") and "ln_" not in leaf
-
-
-def _hf_config(path) -> gptj.Config:
-    f = os.path.join(path, "config.json")
-    c = read_json(f)
-    try:
-        if c.get("model_type") != "gptj":
-            raise ValueError(f"{path} is a {c.get('model_type')} model, not GPT-J")
-        if c.get("activation_function", "gelu_new") != "gelu_new":
-            raise ValueError(f"{f}: activation {c['activation_function']} is not GPT-J's gelu_new")
-        rotary = c.get("rotary_dim")  # null: rotary over whole heads
-        cfg = _config(f, n_vocab=c["vocab_size"], n_ctx=c["n_positions"], d_model=c["n_embd"], n_layer=c["n_layer"],
-                      n_head=c["n_head"], rotary_dim=0 if rotary is None else rotary, d_ff=c.get("n_inner") or 0,
-                      layer_norm_eps=c.get("layer_norm_epsilon", 1e-5))
-    except KeyError as e:
-        raise ValueError(f"{f} lacks {e}") from None
-    return cfg if rotary is not None else dataclasses.replace(cfg, rotary_dim=cfg.d_head)
-
-
-def _safetensors_tensors(f) -> dict:
-    safe_open = _require("safetensors").safe_open
-    try:
-        handle = safe_open(f, framework="numpy")
-    except Exception as e:  # the Rust error type is not importable in a stable place
-        raise ValueError(f"{f}: unreadable safetensors file ({e})") from None
-    out = {}
-    for name in handle.keys():
-        sl = handle.get_slice(name)  # reads only the bytes a slice asks for
-        out[name] = (tuple(sl.get_shape()), SAFETENSORS_DTYPES.get(sl.get_dtype()), sl.__getitem__)
-    return out
-
-
-def _torch_tensors(f) -> dict:
-    torch = _require("torch")
-    try:
-        state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:
-        raise ValueError(f"{f}: unreadable PyTorch checkpoint ({e})") from None
-
-    def reader(t):
-        def read(idx):
-            x = t[idx].contiguous()
-            # numpy has no bfloat16: move the raw bits over and relabel them
-            return x.view(torch.int16).numpy().view(jnp.bfloat16) if x.dtype == torch.bfloat16 else x.numpy()
-        return read
-    names = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32", torch.float64: "float64"}
-    return {n: (tuple(t.shape), names.get(t.dtype), reader(t)) for n, t in state.items() if torch.is_tensor(t)}
-
-
-def _hf_sources(path):
-    cfg = _hf_config(path)
-    index = [f for f in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
-             if os.path.isfile(os.path.join(path, f))]
-    if index:
-        weight_map = read_json(os.path.join(path, index[0])).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ValueError(f"{os.path.join(path, index[0])}: no weight_map")
-        files = sorted(set(weight_map.values()))
-    else:
-        files = [f for f in ("model.safetensors", "pytorch_model.bin") if os.path.isfile(os.path.join(path, f))][:1]
-    if not files:
-        raise ValueError(f"{path}: no model.safetensors, sharded index or pytorch_model.bin")
-    tensors = {}
-    for f in files:
-        full = os.path.join(path, f)
-        tensors.update(_safetensors_tensors(full) if f.endswith(".safetensors") else _torch_tensors(full))
-    sources = {}
-    for leaf, shape in gptj.param_shapes(cfg).items():
-        names, transposed = _hf_names(leaf, cfg)
-        want = shape[1:] if leaf.startswith("h.") else shape
-        want = want[::-1] if transposed else want
-        for n in names:
-            if n not in tensors:
-                raise ValueError(f"{path}: tensor {n} is missing")
-            if tensors[n][0] != want or tensors[n][1] is None:
-                raise ValueError(f"{path}: tensor {n} is {tensors[n][0]} {tensors[n][1]}, config implies {want} float")
-
-        def read_layer(i, idx, names=names, transposed=transposed):  # i is None for unstacked leaves
-            get = tensors[names[0 if i is None else i]][2]
-            return _transpose(get(idx[::-1])) if transposed else get(idx)
-        read = _stacked(cfg.n_layer, read_layer) if leaf.startswith("h.") else \
-            (lambda idx, dt, r=read_layer: np.asarray(r(None, idx), dt))
-        sources[leaf] = (shape, jnp.dtype(tensors[names[0]][1]), read)
-    return cfg, sources
-
-
-def _hf_json(cfg: gptj.Config, dtype: str) -> dict:
-    eot = EOT if cfg.n_vocab > EOT else None  # GPT-2's <|endoftext|>, when the vocabulary has it
-    return {"architectures": ["GPTJForCausalLM"], "model_type": "gptj", "vocab_size": cfg.n_vocab,
-            "n_positions": cfg.n_ctx, "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
-            "rotary_dim": cfg.rotary_dim, "n_inner": cfg.d_ff, "activation_function": "gelu_new",
-            "layer_norm_epsilon": cfg.layer_norm_eps, "bos_token_id": eot, "eos_token_id": eot,
-            "tie_word_embeddings": False, "dtype": dtype}
-
-
-def _save_hf_items(dst, items, cfg: gptj.Config, dtype=None, max_shard_bytes=2 * 1024**3, force=False):
-    """Write (our leaf, array) pairs as HF tensors, into safetensors files of at most max_shard_bytes
-    (one bigger tensor gets a file of its own). Host memory: one leaf plus one file's tensors."""
-    if cfg.rotary_dim == 0:
-        raise ValueError("HuggingFace's GPT-J has no rotary_dim 0 (it reads 0 as no setting and fails): this "
-                         "model cannot be exported to it; keep it native")
-    shapes = gptj.param_shapes(cfg)
-    with _atomic_dir(dst, force) as tmp:
-        save_file = _require("safetensors.numpy").save_file
-        files, pending, written, dtypes = [], {}, set(), set()
-
-        def flush():
-            save_file(pending, os.path.join(tmp, f"part-{len(files)}"), metadata={"format": "pt"})
-            files.append(list(pending))
-            pending.clear()
-        for leaf, x in items:
-            if leaf not in shapes:
-                raise ValueError(f"{leaf} is not a GPT-J parameter")
-            x = np.asarray(x, dtype)
-            if x.shape != shapes[leaf]:
-                raise ValueError(f"param {leaf} is {x.shape}, config implies {shapes[leaf]}")
-            names, transposed = _hf_names(leaf, cfg)
-            for i, name in enumerate(names):
-                t = x[i] if leaf.startswith("h.") else x
-                t = _transpose(t) if transposed else np.ascontiguousarray(t)
-                if pending and sum(v.nbytes for v in pending.values()) + t.nbytes > max_shard_bytes:
-                    flush()
-                pending[name] = t
-            written.add(leaf)
-            dtypes.add(x.dtype.name)
-            del x
-        missing = set(shapes) - written
-        if missing:
-            raise ValueError(f"params lack {sorted(missing)[0]}")
-        flush()
-        if len(files) == 1:
-            os.rename(os.path.join(tmp, "part-0"), os.path.join(tmp, "model.safetensors"))
-        else:
-            weight_map = {}
-            for k, names in enumerate(files):
-                name = f"model-{k + 1:05d}-of-{len(files):05d}.safetensors"
-                os.rename(os.path.join(tmp, f"part-{k}"), os.path.join(tmp, name))
-                weight_map.update(dict.fromkeys(names, name))
-            total = sum(os.path.getsize(os.path.join(tmp, n)) for n in set(weight_map.values()))
-            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=1)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            # Mixed dtypes (bf16 weights beside an fp32 fold) name the widest: transformers loading with
-            # dtype="auto" casts every tensor to it, and float32 holds bfloat16 and float16 exactly.
-            json.dump(_hf_json(cfg, dtypes.pop() if len(dtypes) == 1 else "float32"), f, indent=1)
-
-
-def save_hf(params, cfg: gptj.Config, dst, dtype=None, max_shard_bytes=2 * 1024**3, *, force=False):
-    """Export params as a HuggingFace GPT-J folder (config.json + safetensors) for GPTJForCausalLM.from_pretrained."""
-    items = ((name, np.asarray(x)) for name, x in _flat(params).items())
-    _save_hf_items(dst, items, cfg, dtype, max_shard_bytes, force)
-
-
-# ---------------------------------------------------------------- original mesh-transformer-jax format
-
-ORIG = "causal_transformer_shard/~/"
-# our leaf -> (Haiku module/name; layers' names are under layer_{i}/~/) and how the S shard pieces combine:
-# concatenated on an axis of the full tensor, summed (partial biases), or shard 0's copy (LayerNorms).
-ORIG_LAYER = {
-    "h.q_proj.weight": ("linear/w", 1), "h.v_proj.weight": ("linear_1/w", 1), "h.k_proj.weight": ("linear_2/w", 1),
-    "h.out_proj.weight": ("linear_3/w", 0), "h.fc_in.bias": ("linear_4/b", 0), "h.fc_in.weight": ("linear_4/w", 1),
-    "h.fc_out.bias": ("linear_5/b", "sum"), "h.fc_out.weight": ("linear_5/w", 0),
-    "h.ln_1.bias": ("replicated_layer_norm/offset", "first"), "h.ln_1.weight": ("replicated_layer_norm/scale", "first"),
-}
-ORIG_TOP = {
-    "wte": ("embedding_shard/~/linear/w", 0), "wte_bias": ("embedding_shard/~/linear/b", "sum"),
-    "lm_head.bias": ("projection_shard/~/linear/b", 0), "lm_head.weight": ("projection_shard/~/linear/w", 1),
-    "ln_f.bias": ("projection_shard/~/replicated_layer_norm/offset", "first"),
-    "ln_f.weight": ("projection_shard/~/replicated_layer_norm/scale", "first"),
-}
-
-
-def _orig_config(config):
-    """gptj.Config and cores_per_replica from the original project's JSON config (a path or a dict)."""
-    c = config if isinstance(config, dict) else read_json(config)
-    try:
-        if c.get("pe", "rotary") != "rotary" or c.get("norm", "layernorm") != "layernorm":
-            raise ValueError(f"{config}: pe={c.get('pe')}, norm={c.get('norm')} is not GPT-J (rotary, layernorm)")
-        cfg = _config("config" if isinstance(config, dict) else config, n_vocab=c["n_vocab"], n_ctx=c["seq"],
-                      d_model=c["d_model"], n_layer=c["layers"], n_head=c["n_heads"], rotary_dim=c["pe_rotary_dims"])
-        return cfg, int(c["cores_per_replica"])
-    except KeyError as e:
-        raise ValueError(f"{config} lacks {e}: is it the original project's JSON config?") from None
-
-
-def _npz_arrays(f) -> list:
-    """Memory-mapped arrays of an uncompressed .npz (np.savez), in arr_0, arr_1, ... order; V2 read as bfloat16."""
-    try:
-        with zipfile.ZipFile(f) as z:
-            members = z.infolist()
-    except (zipfile.BadZipFile, OSError) as e:
-        raise ValueError(f"{f}: not a readable .npz, truncated? ({e})") from None
-    numbered = []
-    for m in members:
-        match = re.fullmatch(r"arr_(\d+)\.npy", m.filename)
-        if not match or m.compress_type != zipfile.ZIP_STORED:
-            raise ValueError(f"{f}: member {m.filename} is not an uncompressed arr_N.npy")
-        numbered.append((int(match.group(1)), m))
-    arrays, size = [], os.path.getsize(f)
-    with open(f, "rb") as fh:
-        for _, m in sorted(numbered, key=lambda t: t[0]):
-            fh.seek(m.header_offset + 26)  # local file header: name and extra-field lengths sit at bytes 26..30
-            name_len, extra_len = struct.unpack("<HH", fh.read(4))
-            fh.seek(m.header_offset + 30 + name_len + extra_len)
-            version = np.lib.format.read_magic(fh)
-            header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
-            shape, fortran, dtype = header[version](fh)
-            dtype = jnp.dtype(jnp.bfloat16) if dtype == np.dtype("V2") else dtype  # numpy stored bf16 as raw V2
-            if fortran or dtype.hasobject or fh.tell() + math.prod(shape) * dtype.itemsize > size:
-                raise ValueError(f"{f}: {m.filename} is truncated or not a plain array")
-            arrays.append(_memmap(f, shape, dtype, fh.tell()))
-    return arrays
-
-
-def _orig_layout(n_layer):
-    """[(Haiku 'module/name', our leaf, how)] in the order jax flattens the params dict: modules sorted by
-    full path (so layers come as layer_0, layer_1, layer_10, ..., layer_2, ...), names sorted within each."""
-    rows = [(ORIG + n, leaf, how) for leaf, (n, how) in ORIG_TOP.items()]
-    rows += [(f"{ORIG}layer_{i}/~/{n}", leaf, how) for i in range(n_layer) for leaf, (n, how) in ORIG_LAYER.items()]
-    return sorted(rows, key=lambda row: row[0].rsplit("/", 1))
-
-
-def _combine(parts, how, idx):
-    """Index `idx` of the full tensor assembled from the per-shard arrays `parts`."""
-    if how == "first":
-        return parts[0][idx]
-    if how == "sum":
-        total = np.zeros(parts[0][idx].shape, np.float32)
-        for p in parts:
-            total += p[idx]
-        return total
-    n = parts[0].shape[how]  # concatenated on axis `how`: read only the shards the slice touches
-    start, stop, _ = idx[how].indices(n * len(parts))
-    pieces = []
-    for s in range(start // n, max(start // n + 1, -(-stop // n))):
-        local = list(idx)
-        local[how] = slice(max(start - s * n, 0), min(stop - s * n, n))
-        pieces.append(parts[s][tuple(local)])
-    return np.concatenate(pieces, axis=how)
-
-
-def _orig_sources(path, config):
-    if config is None:
-        raise ValueError(f"{path} is an original mesh-transformer-jax checkpoint: pass its JSON config with --config")
-    cfg, n_shards = _orig_config(config)
-    for name, size in [("n_vocab", cfg.n_vocab), ("n_heads", cfg.n_head), ("d_ff", cfg.d_ff)]:
-        if size % n_shards:
-            raise ValueError(f"{config}: {name}={size} is not divisible by cores_per_replica={n_shards}")
-    shard_dirs = [os.path.isdir(os.path.join(path, f"shard_{s}")) for s in (n_shards - 1, n_shards)]
-    if shard_dirs != [True, False]:
-        raise ValueError(f"{path}: shard folders do not match cores_per_replica={n_shards} in {config}")
-    layout = _orig_layout(cfg.n_layer)
-    full_shapes = {**gptj.param_shapes(cfg), "wte_bias": (cfg.d_model,)}
-    shards = []  # per shard: {Haiku name: memmap}
-    for s in range(n_shards):
-        folder = os.path.join(path, f"shard_{s}")
-        files = [_npz_arrays(os.path.join(folder, f"{i}.npz")) for i in range(16)]
-        leaves = [a for arrays in files for a in arrays]
-        k, m = divmod(len(leaves), 16)  # the writer split the flat state into 16 contiguous files like this
-        if [len(a) for a in files] != [k + 1] * m + [k] * (16 - m):
-            raise ValueError(f"{folder}: its npz files hold {[len(a) for a in files]} arrays, not a 16-way split")
-        n_opt = len(leaves) - len(layout) - 1  # optimizer leaves come first (full checkpoints), step last
-        if n_opt < 0 or leaves[-1].size != 1:
-            raise ValueError(f"{folder} holds {len(leaves)} arrays, which does not fit {cfg.n_layer} layers: "
-                             "wrong --config?")
-        for j, ((name, leaf, how), arr) in enumerate(zip(layout, leaves[n_opt:-1])):
-            want = full_shapes[leaf][1:] if leaf in ORIG_LAYER else full_shapes[leaf]
-            want = tuple(d // n_shards if i == how else d for i, d in enumerate(want))
-            if arr.shape != want:
-                raise ValueError(f"{folder}: leaf {name} (array {n_opt + j}) has shape {arr.shape}, "
-                                 f"config implies {want}: wrong --config?")
-        shards.append({name: arr for (name, _, _), arr in zip(layout, leaves[n_opt:-1])})
-
-    def combine(name, how, idx):
-        return _combine([sh[ORIG + name] for sh in shards], how, idx)
-    sources = {}
-    for leaf, shape in gptj.param_shapes(cfg).items():
-        if leaf in ORIG_LAYER:
-            name, how = ORIG_LAYER[leaf]
-            read = _stacked(cfg.n_layer, lambda i, idx, n=name, h=how: combine(f"layer_{i}/~/{n}", h, idx))
-            dtype = shards[0][f"{ORIG}layer_0/~/{name}"].dtype
-        else:
-            name, how = ORIG_TOP[leaf]
-            read = lambda idx, dt, n=name, h=how: np.asarray(combine(n, h, idx), dt)
-            dtype = shards[0][ORIG + name].dtype
-        if leaf == "wte":  # a linear on one-hot ids: its summed bias is added to every embedding row
-            read = lambda idx, dt: (combine(ORIG_TOP["wte"][0], 0, idx).astype(np.float32)
-                                    + combine(ORIG_TOP["wte_bias"][0], "sum", idx[1:])).astype(dt)
-        if leaf == "wte" or how == "sum":  # computed from several stored leaves: keep the fp32 of the sum
-            dtype = jnp.dtype(jnp.float32)
-        sources[leaf] = (shape, dtype, read)
-    return cfg, sources
-
-
 # ---------------------------------------------------------------- LoRA runs
 
 def _checksums(x, offset: int) -> tuple:
@@ -826,9 +511,11 @@ def _open(path, config=None):
             params = _adapted_sources(path, meta, params)
         return meta_config(meta, os.path.join(path, "meta.json")), params
     if os.path.isfile(os.path.join(path, "config.json")):
-        return _hf_sources(path)
+        import ckpt_hf  # each format's own file; this function is the one place that tells them apart
+        return ckpt_hf.sources(path)
     if os.path.isdir(os.path.join(path, "shard_0")):
-        return _orig_sources(path, config)
+        import ckpt_orig
+        return ckpt_orig.sources(path, config)
     if _steps(path):
         newest = latest(path)
         if newest is None:
@@ -884,7 +571,8 @@ def main(argv=None) -> int:
             items = ((f"params.{k}", x) for k, x in items)
             _save_items(args.dst, items, cfg, {"source": os.path.abspath(args.src)}, args.force)
         else:
-            _save_hf_items(args.dst, items, cfg, force=args.force)
+            import ckpt_hf
+            ckpt_hf.save_items(args.dst, items, cfg, force=args.force)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

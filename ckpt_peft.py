@@ -11,6 +11,7 @@ import os
 import numpy as np
 
 import ckpt
+import ckpt_hf
 import gptj
 import lora
 
@@ -26,7 +27,7 @@ PLAIN_INIT = (True, False, "gaussian", "eva")  # initialisers that leave the bas
 
 
 def _module(target: str, layer: int) -> str:
-    return "base_model.model." + ckpt.HF_NAMES[f"h.{target}.weight"].format(i=layer)[:-len(".weight")]
+    return "base_model.model." + ckpt_hf.HF_NAMES[f"h.{target}.weight"].format(i=layer)[:-len(".weight")]
 
 
 def export(src, dst, force=False):
@@ -88,7 +89,7 @@ def read_adapters(path, cfg: gptj.Config, rank: int, alpha: float, targets) -> d
     tensors_file = os.path.join(path, "adapter_model.safetensors")
     if not os.path.isfile(tensors_file):
         raise ValueError(f"{path}: no adapter_model.safetensors (adapter_model.bin is not read)")
-    tensors = ckpt._safetensors_tensors(tensors_file)
+    tensors = ckpt_hf.safetensors_tensors(tensors_file)
     shapes = lora.shapes(cfg, rank, targets)
     out, used = {}, set()
     for target in targets:

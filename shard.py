@@ -31,29 +31,29 @@ def make_mesh(dp: int, mp: int, devices=None) -> Mesh:
 
 
 def mesh_for(mp: int, devices=None, hosts: dict | None = None) -> Mesh:
-    """All devices, mp of them per model replica and the rest data parallel. A replica's devices are on one host:
-    the mp collectives run every layer, and a host's own links (ICI, NVLink) are the fast ones. Devices are
-    ordered by host, then process, then id, so dp runs across hosts. hosts: {process index: host}; default one
-    host per process (a TPU host, or simulated devices); runtime.hosts() tells the hosts of a real run."""
-    devices = jax.devices() if devices is None else list(devices)
+    """All devices, mp of them per model replica and the rest data parallel, in host_order."""
+    devices = host_order(jax.devices() if devices is None else list(devices), mp, hosts)
+    return make_mesh(len(devices) // mp, mp, devices)
+
+
+def host_order(devices: list, mp: int, hosts: dict | None = None) -> list:
+    """Devices ordered by host, then process, then id, so that consecutive groups of mp (a model replica) are on
+    one host: the mp collectives run every layer, and a host's own links (ICI, NVLink) are the fast ones; dp runs
+    across hosts. hosts: {process index: host}; default one host per process (a TPU host, or simulated devices);
+    runtime.hosts() tells a real run's (Slurm on GPUs runs a process per GPU, several on a host)."""
     if mp < 1 or len(devices) % mp:
         raise ValueError(f"cores_per_replica={mp} does not divide the {len(devices)} devices: pick a divisor")
     hosts = hosts or {}
     host_of = lambda d: hosts.get(d.process_index, f"process {d.process_index}")
-    rank = {h: i for i, h in enumerate(dict.fromkeys(host_of(d) for d in sorted(devices, key=_order)))}
-    devices = sorted(devices, key=lambda d: (rank[host_of(d)], _order(d)))
-    per_host = {}
-    for d in devices:
-        per_host[host_of(d)] = per_host.get(host_of(d), 0) + 1
-    for host, n in per_host.items():
+    by_process = sorted(devices, key=lambda d: (d.process_index, d.id))
+    rank = {h: i for i, h in enumerate(dict.fromkeys(map(host_of, by_process)))}
+    ordered = sorted(by_process, key=lambda d: rank[host_of(d)])  # stable: process, then id, within a host
+    for host in rank:
+        n = sum(host_of(d) == host for d in ordered)
         if n % mp:
             raise ValueError(f"cores_per_replica={mp} cannot be placed: {host} has {n} devices, and a model replica "
                              f"stays within one host: choose a divisor of {n}")
-    return make_mesh(len(devices) // mp, mp, devices)
-
-
-def _order(device):
-    return device.process_index, device.id
+    return ordered
 
 
 def local_rows(sharding, shape, axis: int) -> slice:

@@ -15,6 +15,7 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import ckpt
+import ckpt_hf
 import gptj
 import shard
 
@@ -177,7 +178,7 @@ def test_native_hf_native_exact(tmp_path):
 def test_hf_reader(tmp_path, variant):
     params = random_params(CFG)
     dtype = BF16 if variant == "bin" else np.float32
-    ckpt.save_hf(params, CFG, tmp_path, dtype=dtype, max_shard_bytes=40_000 if variant == "sharded" else 2**31,
+    ckpt_hf.save(params, CFG, tmp_path, dtype=dtype, max_shard_bytes=40_000 if variant == "sharded" else 2**31,
                  force=True)
     if variant == "sharded":
         assert len([f for f in os.listdir(tmp_path) if f.endswith(".safetensors")]) > 2
@@ -210,7 +211,7 @@ def test_agrees_with_transformers(tmp_path):
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
     params = random_params(CFG, seed=1)
-    ckpt.save_hf(params, CFG, tmp_path / "hf", max_shard_bytes=200_000)  # sharded, as the 6B export is
+    ckpt_hf.save(params, CFG, tmp_path / "hf", max_shard_bytes=200_000)  # sharded, as the 6B export is
     model = transformers.GPTJForCausalLM.from_pretrained(str(tmp_path / "hf"), attn_implementation="eager",
                                                          dtype=torch.float32).eval()
     forward = jax.jit(lambda p, t: gptj.forward(p, t, CFG)[0])
@@ -379,7 +380,7 @@ def test_truncated_npz(tmp_path, original):
 
 @needs_safetensors
 def test_truncated_safetensors(tmp_path):
-    ckpt.save_hf(random_params(CFG), CFG, tmp_path / "hf")
+    ckpt_hf.save(random_params(CFG), CFG, tmp_path / "hf")
     f = tmp_path / "hf" / "model.safetensors"
     os.truncate(f, os.path.getsize(f) - 100)
     with pytest.raises(ValueError, match="model.safetensors"):
@@ -423,7 +424,7 @@ def test_damaged_metadata_and_unexportable_models(tmp_path, capsys):
     """Hand-edited or damaged metadata is a one-line error naming the file; nothing is written."""
     params = random_params(CFG)
     ckpt.save(tmp_path / "nat", {"params": params}, CFG)
-    ckpt.save_hf(params, CFG, tmp_path / "hf")
+    ckpt_hf.save(params, CFG, tmp_path / "hf")
 
     def edit(src, name, change):
         import shutil

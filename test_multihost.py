@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -202,6 +203,25 @@ def test_a_bad_token_in_one_process_rows_ends_both(setup):
     assert [rc for rc, _, _ in results] == [1, 1]
     assert "60000" in results[1][2].splitlines()[-1] and "process 1 failed" in results[0][2]
     assert os.path.basename(ckpt.latest(setup / "bad")) == "step_00000002"
+
+
+class Device(NamedTuple):
+    id: int
+    process_index: int
+
+
+def test_a_model_replica_stays_within_a_host():
+    """Slurm on two GPU hosts, a process per pair of GPUs: processes 0 and 2 on host a, 1 and 3 on b."""
+    devices = [Device(10 * p + i, p) for p in (3, 2, 1, 0) for i in (1, 0)]
+    hosts = {0: "a", 1: "b", 2: "a", 3: "b"}
+    order = shard.host_order(devices, 4, hosts)
+    assert [(d.process_index, d.id) for d in order] == [(0, 0), (0, 1), (2, 20), (2, 21), (1, 10), (1, 11), (3, 30),
+                                                        (3, 31)]
+    with pytest.raises(ValueError, match="cores_per_replica=8 cannot be placed: a has 4 devices.*divisor of 4"):
+        shard.host_order(devices, 8, hosts)
+    assert shard.host_order(devices, 8, dict.fromkeys(range(4), "one")) == sorted(devices, key=lambda d: (d[1], d[0]))
+    with pytest.raises(ValueError, match="cores_per_replica=3 does not divide the 8 devices"):
+        shard.host_order(devices, 3)
 
 
 class Subset:

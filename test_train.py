@@ -303,6 +303,22 @@ def test_plan_reports_per_device_memory():
     assert out["flops_per_step"] == train.flops_per_token(cfg, 16) * 2 * 8 * 16
 
 
+def test_plan_targets_the_tpu_of_tpu_size():
+    assert [train.v3_topology(n) for n in (8, 32, 64, 256, 2048)] == ["v3:2x2", "v3:4x4", "v3:4x8", "v3:8x16",
+                                                                      "v3:32x32"]
+    with pytest.raises(train.ConfigError, match="tpu_size=12: a TPU v3 slice has 2\\^k cores"):
+        train.v3_topology(12)
+
+
+@pytest.mark.skipif(not train.has_libtpu(), reason="needs libtpu (pip install 'jax[tpu]'), 700 MB: not in CI")
+def test_plan_compiles_for_a_tpu_without_one():
+    run = train.Run(**{**train.KEYS, **TINY, "tpu_size": 8, "cores_per_replica": 2})
+    devices, topology = train.plan_devices(run)
+    out = train.plan(run, devices, topology)
+    assert (out["platform"], out["device_kind"], out["topology"], out["devices"]) == ("tpu", "TPU v3", "v3:2x2", 8)
+    assert out["dtype"] == "bfloat16"  # auto, for the TPU
+
+
 def test_benchmark_prints_speed_and_mfu(capsys):
     flags = [x for k, v in TINY.items() for x in (f"--{k}", str(v))]
     assert train.main(["--benchmark", "--benchmark_steps", "2"] + flags) == 0
@@ -337,7 +353,8 @@ def test_one_device_step_has_no_collectives_and_no_transposed_logit_gradient():
 
 def test_original_config_loads_as_it_is(capsys):
     run = train.load_config("configs/6B_roto_256.json")
-    assert run.model() == gptj.GPTJ_6B and run.cores_per_replica == 8
+    assert dataclasses.replace(run.model(), remat=False) == gptj.GPTJ_6B and run.cores_per_replica == 8
+    assert run.remat  # ours: to fit a v3 core's 16 GiB (the README's plan table)
     assert "ignoring bucket" in capsys.readouterr().err
     assert train.load_config("configs/6B_v3-8.json", {"lr": 1e-5}).lr == 1e-5
     # The original's example_config.json turns validation off so:

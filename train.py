@@ -423,6 +423,8 @@ def plan_devices(run: Run, topology=None) -> tuple[list, str | None]:
     n = max(run.tpu_size or run.cores_per_replica, 1)
     if topology is None and run.tpu_size > 1 and has_libtpu():
         topology = v3_topology(run.tpu_size)
+    elif topology:
+        n = 0  # a topology named: all of its devices
     if topology:
         try:
             from jax.experimental import topologies
@@ -438,7 +440,7 @@ def plan_devices(run: Run, topology=None) -> tuple[list, str | None]:
                               f"'jax[tpu]', which plans on a machine without TPUs)") from None
         if len(devices) < n:
             raise ConfigError(f"--topology {topology} has {len(devices)} devices, the config needs {n}")
-        return list(devices)[:n], topology
+        return list(devices)[:n or None], topology
     jax.config.update("jax_num_cpu_devices", n)
     return (jax.devices() if len(jax.devices()) >= n else jax.devices("cpu")[:n]), None
 
