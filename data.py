@@ -5,7 +5,7 @@ cached on disk as raw little-endian uint16 (`<key>.tokens`), then memory-mapped,
 cost no RAM. Batches are a pure function of (position, seed): a checkpoint only has to remember
 how many sequences were consumed to resume the exact same stream.
 """
-import functools, glob, hashlib, json, os, re, struct, sys, tarfile
+import functools, glob, hashlib, json, os, re, socket, struct, sys, tarfile
 from pathlib import Path
 from typing import Iterator
 
@@ -281,7 +281,8 @@ def _open_tokens(path: Path, what: str) -> np.memmap:
 
 
 def _write_tokens(sources: list, path: Path, spec: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # os.replace: readers never see half a file
+    # os.replace: readers never see half a file. The host's name too: hosts sharing a cache folder can share pids.
+    tmp = path.with_name(f"{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
     try:
         total = sum(s.stat().st_size for s in sources if isinstance(s, Path))
         count = done = reported = 0
@@ -378,9 +379,11 @@ def batch_at(tokens: np.ndarray, position: int, n: int, seq: int, seed: int) -> 
     return Stream(tokens, seq, seed).rows(position + np.arange(n, dtype=np.int64))
 
 
-def eval_batches(tokens: np.ndarray, n: int, seq: int) -> Iterator[np.ndarray]:
-    """Consecutive windows in order as int32 [n, seq+1] batches; the last partial batch is dropped,
-    except that with fewer than n windows the single short batch of all of them is yielded."""
-    windows = num_windows(tokens, seq)  # raise now, not on first next()
+def eval_windows(tokens: np.ndarray, n: int, seq: int) -> np.ndarray:
+    """The windows validation reads, as batches of window indices [batches, n]: consecutive windows in order, the
+    last partial batch dropped; with fewer than n windows in all, one batch of all of them, the rows past them -1
+    (padding, for a mask to leave out). Each process then builds just its own rows (window_rows)."""
+    windows = num_windows(tokens, seq)
     rows = min(n, windows)
-    return (window_rows(tokens, np.arange(b * rows, (b + 1) * rows), seq) for b in range(windows // rows))
+    index = np.arange(windows // rows * rows).reshape(-1, rows)
+    return np.pad(index, ((0, 0), (0, n - rows)), constant_values=-1)

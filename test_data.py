@@ -311,7 +311,7 @@ def test_data_errors(tmp_path):
     with pytest.raises(ValueError, match=r"too short for seq=8: 8 tokens, need at least 9"):
         data.batch_at(np.arange(8), 0, 1, 8, 0)
     with pytest.raises(ValueError, match=r"too short for seq=8: 3 tokens"):
-        data.eval_batches(np.arange(3), 1, 8)
+        data.eval_windows(np.arange(3), 1, 8)
 
 
 # ---------------------------------------------------------------- batches
@@ -368,14 +368,25 @@ def test_data_parallel_rows_are_distinct_windows():
     assert sorted(seen) == list(range(windows))  # no window repeats within the epoch
 
 
+def test_the_stream_orders_each_epoch_once(monkeypatch):
+    tokens = np.arange(16 * 64 + 1, dtype=np.uint16)  # 64 windows of 16
+    stream, calls, real = data.Stream(tokens, 16, seed=3), [], np.random.default_rng
+    monkeypatch.setattr(np.random, "default_rng", lambda s: calls.append(s) or real(s))
+    rows = np.concatenate([stream.rows(np.arange(p, p + 12)) for p in range(0, 132, 12)])  # into a third epoch
+    assert calls == [[3, 0], [3, 1], [3, 2]]  # not a permutation per batch
+    monkeypatch.undo()
+    np.testing.assert_array_equal(rows, data.batch_at(tokens, 0, 132, 16, 3))
+
+
 @pytest.mark.parametrize("length, n, seq, expected_batches", [
     (101, 3, 10, 3), (100, 3, 10, 3), (41, 4, 10, 1), (31, 4, 10, 1), (11, 5, 10, 1), (1000, 1, 7, 142)])
-def test_eval_batches_cover_val_in_order(length, n, seq, expected_batches):
+def test_eval_windows_cover_val_in_order(length, n, seq, expected_batches):
     tokens = np.arange(length, dtype=np.uint16)
-    batches = list(data.eval_batches(tokens, n, seq))
+    index = data.eval_windows(tokens, n, seq)
     windows = (length - 1) // seq
-    assert len(batches) == expected_batches
-    assert all(b.shape == (min(n, windows), seq + 1) and b.dtype == np.int32 for b in batches)
-    starts = np.concatenate([_starts(b, seq) for b in batches])
-    np.testing.assert_array_equal(starts, np.arange(len(starts)))  # consecutive, non-overlapping
-    assert list(data.eval_batches(tokens, n, seq))[0].tolist() == batches[0].tolist()
+    assert index.shape == (expected_batches, n)
+    real = index[index >= 0]
+    np.testing.assert_array_equal(real, np.arange(len(real)))  # consecutive, non-overlapping, in order
+    assert (index < 0).sum() == (n - windows if windows < n else 0)  # padding only in a single short batch
+    rows = data.window_rows(tokens, real, seq)
+    assert rows.dtype == np.int32 and np.array_equal(_starts(rows, seq), real)

@@ -162,8 +162,9 @@ def test_one_process_checkpoint_resumes_in_two(setup, references):
     half = setup / "half"
     os.makedirs(half)
     os.symlink(one / "step_00000002", half / "step_00000002")  # written by 1 process: resume it in 2
-    run(setup, half, 2, 4)
+    (_, out0, _), (_, out1, _) = run(setup, half, 2, 4, ["--sample_tokens", "3"])
     assert_close(leaves(half), leaves(one))
+    assert "sample:" in out0 and "sample:" not in out1  # the final sample, on both, printed by process 0
 
 
 def test_a_killed_peer_ends_the_survivor_within_the_heartbeat(setup):

@@ -366,16 +366,13 @@ class Trainer:
         one short batch, padded with rows that the mask leaves out."""
         out = {}
         for i, (name, toks) in enumerate(val_sets.items()):
-            windows = data.num_windows(toks, self.run.seq)
-            rows = min(self.batch, windows)
             losses = []
-            for b in range(min(windows // rows, batches)):
-                index = np.arange(b * rows, b * rows + self.batch)
-                mask = (index < b * rows + rows).astype(np.float32)[:, None].repeat(self.run.seq, 1)
-                index = np.where(mask[:, 0] > 0, index, b * rows)
-                tokens = data.window_rows(toks, index[self.rows], self.run.seq)
+            for index in data.eval_windows(toks, self.batch, self.run.seq)[:batches]:
+                mine = index[self.rows]
+                tokens = data.window_rows(toks, np.maximum(mine, 0), self.run.seq)
+                mask = np.repeat((mine >= 0).astype(np.float32)[:, None], self.run.seq, 1)
                 tokens, mask = (jax.make_array_from_process_local_data(self.eval_sharding, x, (self.batch,) + x.shape[1:])
-                                for x in (tokens, mask[self.rows]))
+                                for x in (tokens, mask))
                 losses.append(float(self.evaluate(params, tokens, mask, frozen)))
             if losses:  # val_batches 0: no validation, as in the original's example config
                 out["val_loss" if i == 0 else f"val_loss_{name}"] = float(np.mean(losses))
