@@ -1,7 +1,7 @@
 """train.py over several processes on loopback, as on the hosts of a pod slice: each process with its own
 simulated CPU devices, JAX's distributed runtime between them, gloo for the collectives.
 
-These start real processes and compile in each: they are few, tiny, and share one compilation cache."""
+These start real processes and compile in each: they are few and tiny, and each launch is bounded (`finish`)."""
 import json
 import os
 import signal
@@ -46,13 +46,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(setup, model_dir, processes: int, devices: int, extra=(), per_process=None, cache=True):
-    """Start `processes` train.py processes of one run, `devices` simulated CPU devices each."""
+def launch(setup, model_dir, processes: int, devices: int, extra=(), per_process=None):
+    """Start `processes` train.py processes of one run, `devices` simulated CPU devices each. (They share the
+    session's compilation cache, conftest.py's: the same programs in every launch are compiled once.)"""
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "PYTHONUNBUFFERED": "1"}
-    if cache:  # the same programs in every launch: compiled once
-        env |= {"JAX_COMPILATION_CACHE_DIR": str(setup / "jax-cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-                "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
     port, procs = free_port(), []
     for i in range(processes):
         args = [sys.executable, os.path.join(HERE, "train.py"), "--config", str(setup / "tiny.json"),

@@ -714,6 +714,8 @@ def train(run: Run, devices=None) -> dict:
         while step < run.total_steps:
             local = t.local_batch(stream, position)
             error = bad_ids(local, t.cfg.n_vocab, "train_set")
+            if error is not None and jax.process_count() == 1:
+                raise error  # no one else to tell: before the step
             flags = STOP * bool(signalled) | ERROR * (error is not None)
             state, m = t.step(state, t.global_batch(local), frozen, t.halt(flags))
             step, position = step + 1, position + run.gradient_accumulation_steps * t.batch
