@@ -20,6 +20,7 @@ import data
 import sample
 import shard
 import train
+from test_train import corpus  # noqa: F401 (a fixture)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = dict(layers=2, d_model=32, n_heads=4, pe_rotary_dims=4, n_vocab=50304, seq=16, per_replica_batch=2,
@@ -29,15 +30,12 @@ HEARTBEAT_S = 5  # how long a lost peer goes unnoticed, here; the default is run
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("multihost")
-    tokens = np.asarray(data.load_tokens("shakespeare:val"))
-    tokens[:8000].tofile(folder / "train.tokens")
-    tokens[8000:10000].tofile(folder / "val.tokens")
-    config = {**TINY, "train_set": str(folder / "train.tokens"), "val_set": str(folder / "val.tokens")}
-    with open(folder / "tiny.json", "w") as f:
+def setup(corpus):
+    """test_train's corpus, and a config file naming it: every process reads the same files."""
+    config = {**TINY, "train_set": str(corpus / "train.tokens"), "val_set": str(corpus / "val.tokens")}
+    with open(corpus / "tiny.json", "w") as f:
         json.dump(config, f)
-    return folder
+    return corpus
 
 
 def free_port() -> int:

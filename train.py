@@ -300,6 +300,7 @@ class Trainer:
         self.batch_sharding = NamedSharding(self.mesh, P(None, shard.DP, None))
         self.rows = shard.local_rows(self.batch_sharding, self.batch_shape, 1)  # what this process builds
         self.halt_sharding = NamedSharding(self.mesh, P(shard.DP))
+        self.halt_rows = shard.local_rows(self.halt_sharding, (self.dp,), 0)
         replicated = NamedSharding(self.mesh, P())
         # step(state, batch, frozen, halt) -> (state, metrics); frozen is {} unless LoRA
         self.step = jax.jit(step, in_shardings=(self.shardings, self.batch_sharding, self.frozen_shardings,
@@ -356,9 +357,8 @@ class Trainer:
 
     def halt(self, flags: int) -> jax.Array:
         """A step's input flags (STOP, ERROR) from this process; the step returns their maximum over all."""
-        mine = shard.local_rows(self.halt_sharding, (self.dp,), 0)
-        return jax.make_array_from_process_local_data(self.halt_sharding, np.full(mine.stop - mine.start, flags,
-                                                                                  np.int32), (self.dp,))
+        local = np.full(self.halt_rows.stop - self.halt_rows.start, flags, np.int32)
+        return jax.make_array_from_process_local_data(self.halt_sharding, local, (self.dp,))
 
     def validate(self, params, frozen, val_sets: dict, batches: int) -> dict:
         """Mean loss over the first `batches` batches of consecutive windows of each validation set: "val_loss" for
