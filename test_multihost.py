@@ -17,6 +17,7 @@ import pytest
 
 import ckpt
 import data
+import runtime
 import sample
 import shard
 import train
@@ -243,3 +244,22 @@ def test_the_rows_of_all_processes_are_the_one_process_batch():
         parts.append(t.local_batch(stream, 24))
         assert parts[-1].shape == (2, t.batch // 4, run_.seq + 1)
     np.testing.assert_array_equal(np.concatenate(parts, axis=1), whole)
+
+
+def test_clusters_are_detected_from_the_environment_alone():
+    slurm = {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}
+    assert runtime.cluster({**slurm, "SLURM_NTASKS": "8"}) == "slurm"
+    assert runtime.cluster({**slurm, "SLURM_NTASKS": "1"}) is None  # one task: nothing to join
+    assert runtime.cluster({"OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:1", "OMPI_COMM_WORLD_SIZE": "4"}) == "open mpi"
+    assert runtime.cluster({}) is None  # this machine: a run alone starts nothing
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num_processes", "2"], "go together: give all three"),
+    (["--coordinator_address", "host", "--num_processes", "2", "--process_id", "0"], "expected HOST:PORT"),
+    (["--coordinator_address", "h:1", "--num_processes", "2", "--process_id", "2"], "0 <= process_id < num_processes"),
+])
+def test_bad_process_flags_are_one_line(flags, message, capsys):
+    assert train.main(flags + ["--total_steps", "0"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
