@@ -4,6 +4,7 @@ simulated CPU devices, JAX's distributed runtime between them, gloo for the coll
 These start real processes and compile in each: they are few and tiny, and each launch is bounded (`finish`)."""
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -82,6 +83,11 @@ def run(setup, model_dir, processes, devices, extra=(), **kw):
     return results
 
 
+def error_line(stderr, text):
+    """train.py's one-line error holding `text` (JAX and gloo may log around it)."""
+    return any(line.startswith("error: ") and text in line for line in stderr.splitlines())
+
+
 def leaves(model_dir):
     return {k: np.asarray(v) for k, v in ckpt._flat(ckpt.load(ckpt.latest(model_dir))).items()}
 
@@ -113,8 +119,8 @@ def references(setup):
 def test_two_processes_train_as_one(setup, references, capsys):
     one, two, results = references
     (_, out0, err0), (_, out1, err1) = results
-    ours = lambda text: [line for line in text.splitlines() if not line.startswith("[Gloo]")]  # gloo's C++ logs
-    assert "step 4/4" in out0 and ours(out1) == []  # only process 0 reports
+    # Only process 0 reports. (Process 1's stdout holds gloo's C++ logs, whose threads can interleave mid-line.)
+    assert "step 4/4" in out0 and not re.search(r"step \d+/|loss|sample:", out1)
     assert "2 process(es)" in err0 and "mesh dp=4 mp=2" in err0
     assert not os.path.exists(two / "metrics.jsonl.1")
     np.testing.assert_allclose(losses(two), losses(one), rtol=1e-6)
@@ -184,7 +190,7 @@ def test_an_error_one_process_sees_ends_both_with_its_message(setup):
                             per_process=lambda i: ["--train_set", missing] if i == 1 else []))
     assert time.time() - start < 60  # not the 5-minute shutdown barrier
     assert [rc for rc, _, _ in results] == [1, 1]
-    assert "not-on-this-host.tokens" in results[1][2].splitlines()[-1]
+    assert error_line(results[1][2], "not-on-this-host.tokens")
     assert "process 1 failed" in results[0][2] and "not-on-this-host.tokens" in results[0][2]
 
 
@@ -199,7 +205,7 @@ def test_a_bad_token_in_one_process_rows_ends_both(setup):
     tokens.tofile(setup / "bad.tokens")
     results = finish(launch(setup, setup / "bad", 2, 4, ["--train_set", str(setup / "bad.tokens")]))
     assert [rc for rc, _, _ in results] == [1, 1]
-    assert "60000" in results[1][2].splitlines()[-1] and "process 1 failed" in results[0][2]
+    assert error_line(results[1][2], "60000") and error_line(results[0][2], "process 1 failed")
     assert os.path.basename(ckpt.latest(setup / "bad")) == "step_00000002"
 
 
