@@ -170,6 +170,17 @@ def test_one_process_checkpoint_resumes_in_two(setup, references):
     assert "sample:" in out0 and "sample:" not in out1  # the final sample, on both, printed by process 0
 
 
+def test_init_from_and_benchmark_on_two_processes(setup, references):
+    one, _, _ = references
+    (_, out0, err0), _ = run(setup, setup / "fine-tuned", 2, 4, ["--init_from", str(one), "--total_steps", "1",
+                                                                  "--val_batches", "0"])
+    assert "initialised from" in err0 and "step 1/1" in out0
+    (_, out0, _), (_, out1, _) = run(setup, setup / "bench", 2, 4, ["--benchmark", "--benchmark_steps", "1"])
+    record = json.loads(out0.strip().splitlines()[-1])
+    assert record["devices"] == 8 and record["tokens_per_s"] > 0 and 0 < record["mfu"] < 1
+    assert '"tokens_per_s"' not in out1  # process 0 reports
+
+
 def test_a_killed_peer_ends_the_survivor_within_the_heartbeat(setup):
     procs = launch(setup, setup / "killed", 2, 4, ["--total_steps", "1000", "--ckpt_every", "0", "--val_every", "0"])
     deadline = time.time() + 200

@@ -772,7 +772,9 @@ def main(argv=None) -> int:
                       "weight stacks): temp_bytes can differ from an accelerator's; --topology plans with the TPU "
                       "compiler", file=sys.stderr)
         elif args.benchmark:
-            print(json.dumps(benchmark(run, args.benchmark_steps)))
+            record = benchmark(run, args.benchmark_steps)
+            if runtime.is_main():
+                print(json.dumps(record))
         else:
             train(run)
     except (ConfigError, ValueError, FloatingPointError, OSError) as e:
