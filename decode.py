@@ -78,26 +78,31 @@ def sample_logits(logits, knobs, index, counts, vocab=VOCAB):
     its own step count index[b], so it depends on nothing else in the batch: not the other rows, not when
     the row joined it.
     """
-    logits = jnp.where(jnp.arange(logits.shape[-1]) < vocab, logits, -jnp.inf)
+    usable = jnp.arange(logits.shape[-1]) < vocab
     shift = lambda x: x + knobs["bias"] - counts * knobs["frequency"][:, None] - (counts > 0) * knobs["presence"][:, None]
     shifted = jnp.any(knobs["biased"]) | jnp.any(knobs["presence"] != 0) | jnp.any(knobs["frequency"] != 0)
-    logits = lax.cond(shifted, shift, lambda x: x, logits)
+    logits = jnp.where(usable, lax.cond(shifted, shift, lambda x: x, logits), -jnp.inf)
     greedy = argmax(logits)
+    top = jnp.take_along_axis(logits, greedy[:, None], -1)  # the row's maximum, without another pass for it
     temperature, top_k, top_p = knobs["temperature"], knobs["top_k"], knobs["top_p"]
+    sampled = temperature > 0
+    row_key = lambda key, i: jax.random.fold_in(jax.random.wrap_key_data(key, impl="threefry2x32"), i)
 
-    def draw(logits):
+    def draw(logits, filtered):
         # Shifted by the maximum before the division, so that a tiny temperature gives -inf, not inf - inf; an
-        # infinite one gives the uniform draw, and the re-mask keeps the padding at -inf.
-        t = jnp.where(temperature > 0, temperature, 1.0)[:, None]
-        scaled = jnp.where(logits > -jnp.inf, (logits - logits.max(-1, keepdims=True)) / t, -jnp.inf)
-        scaled = lax.cond(jnp.any((top_k > 0) | (top_p < 1)), filter_logits, lambda x, k, p: x, scaled, top_k, top_p)
-        row_key = lambda key, i: jax.random.fold_in(jax.random.wrap_key_data(key, impl="threefry2x32"), i)
+        # infinite one gives the uniform draw, and the re-mask keeps the padding at -inf. The maximum becomes 0
+        # and filtering keeps it, so exp needs no second shift.
+        t = jnp.where(sampled, temperature, 1.0)[:, None]
+        scaled = jnp.where(logits > -jnp.inf, (logits - top) / t, -jnp.inf)
+        if filtered:
+            scaled = filter_logits(scaled, top_k, top_p)
         u = jax.vmap(lambda key, i: jax.random.uniform(row_key(key, i), (2,)))(knobs["key"], index)
-        sampled = draw_index(jnp.exp(scaled - scaled.max(-1, keepdims=True)), u)
-        return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+        return jnp.where(sampled, draw_index(jnp.exp(scaled), u), greedy).astype(jnp.int32)
 
-    # Filtering and drawing cost as much as a small model's step: skip what no row needs.
-    return lax.cond(jnp.any(temperature > 0), draw, lambda logits: greedy, logits)
+    # Filtering and drawing cost as much as a small model's step: skip what no row needs. Each way is a whole
+    # branch, so that without filters scaling and exp fuse into one pass over the vocabulary.
+    way = jnp.any(sampled).astype(jnp.int32) + jnp.any(sampled & ((top_k > 0) | (top_p < 1)))
+    return lax.switch(way, [lambda l: greedy, lambda l: draw(l, False), lambda l: draw(l, True)], logits)
 
 
 def _chunk(n: int) -> int:

@@ -39,3 +39,4 @@ def test_load_probe_reports_the_server_under_load_against_a_request_alone():
               "one_stream_tokens_per_s", "ttft_p90_vs_alone", "latency_p50_vs_alone", "throughput_vs_one_stream"):
         assert got[k] > 0, k
     assert got["ttft_p50_s"] <= got["ttft_p90_s"] and got["ttft_alone_s"] < got["latency_alone_s"]
+    assert got["cpu_stolen"] is None or 0 <= got["cpu_stolen"] < 1

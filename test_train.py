@@ -9,6 +9,7 @@ import signal
 import struct
 import subprocess
 import sys
+import types
 
 import jax
 import jax.numpy as jnp
@@ -317,6 +318,22 @@ def test_plan_compiles_for_a_tpu_without_one():
     out = train.plan(run, devices, topology)
     assert (out["platform"], out["device_kind"], out["topology"], out["devices"]) == ("tpu", "TPU v3", "v3:2x2", 8)
     assert out["dtype"] == "bfloat16"  # auto, for the TPU
+
+
+def test_mfu_divides_by_the_highest_peak_read(tmp_path, monkeypatch):
+    """A shared CPU can read its matmul peak a third low: the peak is read again at every record and the
+    highest kept, so one low reading does not inflate mfu for the rest of the run."""
+    peaks = iter([100e9, 300e9, 200e9])
+    monkeypatch.setattr(train, "matmul_peak", lambda device, dtype, readings=4: next(peaks))
+    cfg = train.Run(**{**train.KEYS, **TINY}).model()
+    mesh = types.SimpleNamespace(size=1, shape={shard.MP: 1})
+    t = types.SimpleNamespace(device=jax.devices()[0], cfg=cfg, mesh=mesh, dp=1, flops_per_token=lambda: 1e9,
+                              tokens_per_step=lambda: 1000)
+    run = train.Run(**{**train.KEYS, "model_dir": str(tmp_path), "total_steps": 3})
+    with train.Progress(run, t, 0, 3000) as progress:  # reads 100e9 at the start
+        records = [progress(step, {"loss": 1.0, "lr": 0.0}, dict) for step in (1, 2)]  # then 300e9, 200e9
+    for r in records:
+        assert r["mfu"] == pytest.approx(r["tokens_per_s"] * 1e9 / 300e9)
 
 
 def test_benchmark_prints_speed_and_mfu(capsys):
