@@ -72,14 +72,14 @@ def percentile(values, q):
 
 
 def cpu_times():
-    """This machine's CPU time so far as (busy, stolen, total) clock ticks, from Linux's /proc/stat; None elsewhere.
-    Stolen time is what the hypervisor of a shared VM gave to other guests."""
+    """(stolen, total) CPU clock ticks of this machine so far, from Linux's /proc/stat; None elsewhere. Stolen
+    time is what the hypervisor of a shared VM gave to other guests."""
     try:
         with open("/proc/stat") as f:
-            user, nice, system, idle, iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+            ticks = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
     except (OSError, ValueError):
         return None
-    return user + nice + system + irq + softirq, steal, user + nice + system + idle + iowait + irq + softirq + steal
+    return ticks[7], sum(ticks)
 
 
 def measure(url, body, requests, interval, alone_runs) -> dict:
@@ -119,7 +119,7 @@ def probe(url, requests, interval, max_tokens, alone_runs=5, rounds=3) -> dict:
     goals = ratios["ttft_p90_vs_alone"] <= 10 and ratios["latency_p50_vs_alone"] <= 3 and \
         ratios["throughput_vs_one_stream"] >= 2
     # The share of the machine's CPU time that the hypervisor gave to other guests while the rounds ran.
-    steal = None if before is None else round((after[1] - before[1]) / max(after[2] - before[2], 1), 3)
+    steal = None if before is None else round((after[0] - before[0]) / max(after[1] - before[1], 1), 3)
     return {"requests": requests, "interval_s": interval, "max_tokens": max_tokens,
             **{k: round(v, 4) for k, v in report.items()}, **{k: round(v, 2) for k, v in ratios.items()},
             "goals_met": goals, "rounds": rounds, "cpu_stolen": steal}
