@@ -88,21 +88,19 @@ def sample_logits(logits, knobs, index, counts, vocab=VOCAB):
     sampled = temperature > 0
     row_key = lambda key, i: jax.random.fold_in(jax.random.wrap_key_data(key, impl="threefry2x32"), i)
 
-    def draw(logits, filtered):
+    def draw(logits):
         # Shifted by the maximum before the division, so that a tiny temperature gives -inf, not inf - inf; an
         # infinite one gives the uniform draw, and the re-mask keeps the padding at -inf. The maximum becomes 0
-        # and filtering keeps it, so exp needs no second shift.
+        # and filtering keeps it, so exp needs no second shift; without filters, scaling and exp are one pass.
         t = jnp.where(sampled, temperature, 1.0)[:, None]
-        scaled = jnp.where(logits > -jnp.inf, (logits - top) / t, -jnp.inf)
-        if filtered:
-            scaled = filter_logits(scaled, top_k, top_p)
+        scale = lambda l: jnp.where(l > -jnp.inf, (l - top) / t, -jnp.inf)
+        weights = lax.cond(jnp.any(sampled & ((top_k > 0) | (top_p < 1))),
+                           lambda l: jnp.exp(filter_logits(scale(l), top_k, top_p)), lambda l: jnp.exp(scale(l)), logits)
         u = jax.vmap(lambda key, i: jax.random.uniform(row_key(key, i), (2,)))(knobs["key"], index)
-        return jnp.where(sampled, draw_index(jnp.exp(scaled), u), greedy).astype(jnp.int32)
+        return jnp.where(sampled, draw_index(weights, u), greedy).astype(jnp.int32)
 
-    # Filtering and drawing cost as much as a small model's step: skip what no row needs. Each way is a whole
-    # branch, so that without filters scaling and exp fuse into one pass over the vocabulary.
-    way = jnp.any(sampled).astype(jnp.int32) + jnp.any(sampled & ((top_k > 0) | (top_p < 1)))
-    return lax.switch(way, [lambda l: greedy, lambda l: draw(l, False), lambda l: draw(l, True)], logits)
+    # Filtering and drawing cost as much as a small model's step: skip what no row needs.
+    return lax.cond(jnp.any(sampled), draw, lambda logits: greedy, logits)
 
 
 def _chunk(n: int) -> int:
