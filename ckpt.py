@@ -525,6 +525,11 @@ def _open(path, config=None):
                      f"shard_0/ (original) or step_* folders")
 
 
+def read_config(path, config=None) -> gptj.Config:
+    """The gptj.Config of whatever load_weights(path, config=config) would load, reading no weights."""
+    return _open(path, config)[0]
+
+
 def _check_params(path, cfg, sources) -> dict:
     """The sources of exactly gptj's params, in order, after checking they are all there with the right shapes."""
     for leaf, shape in gptj.param_shapes(cfg).items():

@@ -26,7 +26,8 @@ ORIG_CFG = dataclasses.replace(CFG, n_layer=12)  # >10 layers: layer_10 sorts be
 ORIG_JSON = {"layers": 12, "d_model": 64, "n_heads": 8, "n_vocab": 96, "norm": "layernorm", "pe": "rotary",
              "pe_rotary_dims": 4, "seq": 32, "cores_per_replica": 8, "per_replica_batch": 1}
 BF16 = ml_dtypes.bfloat16
-# safetensors, torch and transformers are dev extras (requirements-dev.txt, installed in CI); skip without them.
+# safetensors, torch and transformers are dev extras (requirements-dev.txt): skipped without them, except under
+# CI=true, where conftest.py makes such a skip a failure.
 def _installed(module):
     try:
         importlib.import_module(module)
@@ -308,10 +309,6 @@ def test_original_reader(tmp_path, variant, mesh_shape):
     loaded, cfg = ckpt.load_weights(tmp_path / "ckpt", config=str(tmp_path / "gptj.json"), mesh=mesh)
     assert cfg == ORIG_CFG
     assert_same(loaded, expected)
-    if mesh is None:
-        forward = jax.jit(lambda p, t: gptj.forward(p, t, cfg)[0])
-        tokens = np.arange(20, dtype=np.int32).reshape(2, 10)
-        np.testing.assert_array_equal(forward(loaded, tokens), forward(expected, tokens))
 
 
 @needs_safetensors
@@ -467,7 +464,7 @@ GPTJ_6B_GREEDY = [464, 3290, 318, 257, 582, 338, 1266, 1545, 13, 632, 318, 257, 
 
 
 @pytest.mark.skipif(not os.environ.get("GPTJ_6B_PATH"),
-                    reason="set GPTJ_6B_PATH to GPT-J-6B weights (HF folder, or original folder + GPTJ_6B_CONFIG)")
+                    reason="needs GPTJ_6B_PATH: GPT-J-6B weights (HF folder, or original folder + GPTJ_6B_CONFIG)")
 def test_gptj_6b_greedy():
     dtype = os.environ.get("GPTJ_6B_DTYPE", "bfloat16")
     params, cfg = ckpt.load_weights(os.environ["GPTJ_6B_PATH"], config=os.environ.get("GPTJ_6B_CONFIG"),

@@ -1,147 +1,89 @@
 """decode.py: cached generation against full recomputation (rows at different positions, on one device and a
 mesh, compiled loop and stepwise), the finish rule, penalties and logit bias, logprobs, sampling filters as
-properties, and streamed text. test_serve.py and test_score.py share this file's tiny model."""
+properties, and streamed text. The tiny model and its references are conftest.py's."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-import data
 import decode
-import gptj
 import shard
 
-CFG = gptj.Config(n_vocab=50304, n_ctx=64, d_model=32, n_layer=2, n_head=4, rotary_dim=4)
-ENC = data.tokenizer()
-EOT = data.EOT
-PROMPTS = [[464, 2068, 7586], [40, 716, 257, 1310, 5509, 286, 1110, 13], [50256]]  # three lengths
 
-
-@pytest.fixture(scope="module")
-def params():
-    return gptj.init_params(CFG, jax.random.key(0))
-
-
-@pytest.fixture(scope="module")
-def layered(params):
-    """Per-layer weights, as the command line and the server use them."""
-    return decode.unstack(params)
-
-
-@pytest.fixture(scope="module")
-def mesh_params(params):
-    mesh = shard.make_mesh(2, 2)
-    return decode.unstack(shard.place_params(params, mesh)), mesh
-
-
-@jax.jit
-def _full_forward(params, tokens):
-    return jax.nn.log_softmax(gptj.forward(params, tokens, CFG)[0][0])
-
-
-def log_probs(params, ids):
-    """Log-probabilities [len(ids), n_vocab] from one full forward without a cache. The ids are right-padded
-    to the context, which cannot change the earlier positions (causal), so this compiles once."""
-    return _full_forward(params, jnp.array([list(ids) + [0] * (CFG.n_ctx - len(ids))]))[:len(ids)]
-
-
-def recompute_greedy(params, ids, n, eot=None, presence=0.0, frequency=0.0, bias=None):
-    """The slow, obviously right way: a full forward over the whole sequence, no cache, for every token;
-    OpenAI's penalties and logit bias applied in numpy."""
-    ids, out = list(ids), []
-    for _ in range(n):
-        logits = np.asarray(log_probs(params, ids)[-1, :decode.VOCAB], np.float64)
-        counts = np.bincount(out, minlength=decode.VOCAB)[:decode.VOCAB]
-        logits = logits - counts * frequency - (counts > 0) * presence
-        for t, v in (bias or {}).items():
-            logits[t] += v
-        token = int(np.argmax(logits))
-        if token == eot:
-            break
-        out.append(token)
-        ids.append(token)
-    return out
-
-
-@pytest.fixture(scope="module")
-def reference(params):
-    return [recompute_greedy(params, p, 10) for p in PROMPTS]
-
-
-def sampled_rows(seed=1, max_new=10):
-    return [decode.Row(p, max_new, 1.0, 50, 0.9, (seed, i)) for i, p in enumerate(PROMPTS)]
+def sampled_rows(prompts, seed=1, max_new=10):
+    return [decode.Row(p, max_new, 1.0, 50, 0.9, (seed, i)) for i, p in enumerate(prompts)]
 
 
 # ---------------------------------------------------------------- generation
 
-def test_cached_batch_of_prompts_of_three_lengths_equals_recomputing_each(params, layered, reference):
-    rows = [decode.Row(p, 10) for p in PROMPTS]
-    assert decode.complete(layered, CFG, rows) == reference
-    assert decode.complete(params, CFG, rows) == reference  # stacked weights: gptj.forward itself
+def test_cached_batch_of_prompts_of_three_lengths_equals_recomputing_each(cfg, prompts, params, layered, reference):
+    rows = [decode.Row(p, 10) for p in prompts]
+    assert decode.complete(layered, cfg, rows) == reference
+    assert decode.complete(params, cfg, rows) == reference  # stacked weights: gptj.forward itself
 
 
-def test_sharded_generation_equals_unsharded(params, layered, mesh_params, reference):
+def test_sharded_generation_equals_unsharded(cfg, prompts, params, layered, mesh_params, reference):
     sharded, mesh = mesh_params
-    assert decode.complete(sharded, CFG, [decode.Row(p, 10) for p in PROMPTS], mesh=mesh) == reference
+    assert decode.complete(sharded, cfg, [decode.Row(p, 10) for p in prompts], mesh=mesh) == reference
     # As train.py samples: stacked weights placed on a (dp, mp) mesh, one row padded to a batch dp divides.
-    stacked, want = shard.place_params(params, mesh), decode.complete(layered, CFG, sampled_rows())
-    assert decode.complete(stacked, CFG, sampled_rows(), mesh=mesh) == want
-    assert decode.complete(stacked, CFG, sampled_rows()[1:2], mesh=mesh) == want[1:2]
+    stacked, want = shard.place_params(params, mesh), decode.complete(layered, cfg, sampled_rows(prompts))
+    assert decode.complete(stacked, cfg, sampled_rows(prompts), mesh=mesh) == want
+    assert decode.complete(stacked, cfg, sampled_rows(prompts)[1:2], mesh=mesh) == want[1:2]
 
 
-def test_stepwise_path_equals_compiled_loop(layered, mesh_params, reference):
-    rows, each_step = [decode.Row(p, 10) for p in PROMPTS], lambda *a: None
-    assert decode.complete(layered, CFG, rows, on_step=each_step) == reference
-    sampled = decode.complete(layered, CFG, sampled_rows())
-    assert decode.complete(layered, CFG, sampled_rows(), on_step=each_step) == sampled
+def test_stepwise_path_equals_compiled_loop(cfg, prompts, layered, mesh_params, reference):
+    rows, each_step = [decode.Row(p, 10) for p in prompts], lambda *a: None
+    assert decode.complete(layered, cfg, rows, on_step=each_step) == reference
+    sampled = decode.complete(layered, cfg, sampled_rows(prompts))
+    assert decode.complete(layered, cfg, sampled_rows(prompts), on_step=each_step) == sampled
     sharded, mesh = mesh_params
-    assert decode.complete(sharded, CFG, rows, mesh=mesh, on_step=each_step) == reference
+    assert decode.complete(sharded, cfg, rows, mesh=mesh, on_step=each_step) == reference
 
 
-def test_rows_stop_at_eot_or_their_own_limit(params, layered, reference):
+def test_rows_stop_at_eot_or_their_own_limit(cfg, prompts, recompute_greedy, params, layered, reference):
     eot = reference[0][2]  # pretend that the first row's 3rd token is <|endoftext|>
-    rows = [decode.Row(p, n) for p, n in zip(PROMPTS, (10, 4, 7))]
-    want = [recompute_greedy(params, p, n, eot) for p, n in zip(PROMPTS, (10, 4, 7))]
+    rows = [decode.Row(p, n) for p, n in zip(prompts, (10, 4, 7))]
+    want = [recompute_greedy(params, p, n, eot) for p, n in zip(prompts, (10, 4, 7))]
     assert want[0] == reference[0][:reference[0].index(eot)]
-    assert decode.complete(layered, CFG, rows, eot=eot) == want
-    assert decode.complete(layered, CFG, rows, eot=eot, on_step=lambda *a: None) == want
+    assert decode.complete(layered, cfg, rows, eot=eot) == want
+    assert decode.complete(layered, cfg, rows, eot=eot, on_step=lambda *a: None) == want
 
 
-def test_on_step_can_stop_a_row(layered, reference):
+def test_on_step_can_stop_a_row(cfg, prompts, layered, reference):
     def stop_first_after_two(tok, new, done):
         stop_first_after_two.steps += 1
         if stop_first_after_two.steps == 2:
             done[0] = True
     stop_first_after_two.steps = 0
-    got = decode.complete(layered, CFG, [decode.Row(p, 10) for p in PROMPTS], on_step=stop_first_after_two)
+    got = decode.complete(layered, cfg, [decode.Row(p, 10) for p in prompts], on_step=stop_first_after_two)
     assert got == [reference[0][:2]] + reference[1:]
 
 
-def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(layered):
-    a, b = decode.complete(layered, CFG, sampled_rows()), decode.complete(layered, CFG, sampled_rows())
-    assert a == b and a != decode.complete(layered, CFG, sampled_rows(seed=2))
-    assert decode.complete(layered, CFG, sampled_rows()[1:2]) == a[1:2]
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(cfg, prompts, layered):
+    a, b = decode.complete(layered, cfg, sampled_rows(prompts)), decode.complete(layered, cfg, sampled_rows(prompts))
+    assert a == b and a != decode.complete(layered, cfg, sampled_rows(prompts, seed=2))
+    assert decode.complete(layered, cfg, sampled_rows(prompts)[1:2]) == a[1:2]
 
 
-def test_generate_is_compiled_once_per_shape(layered):
-    rows = [decode.Row([EOT] * n, 16) for n in (3, 1, 4, 2)]
-    tokens, lengths, knobs, limit, steps = decode.pack(rows, n_vocab=CFG.n_vocab)
+def test_generate_is_compiled_once_per_shape(cfg, layered):
+    rows = [decode.Row([decode.EOT] * n, 16) for n in (3, 1, 4, 2)]
+    tokens, lengths, knobs, limit, steps = decode.pack(rows, n_vocab=cfg.n_vocab)
     kw = dict(mesh=None)  # as complete() passes it: a call signature of its own retraces
-    decode.generate(layered, tokens, lengths, knobs, limit, CFG, steps, eot=EOT, **kw)
+    decode.generate(layered, tokens, lengths, knobs, limit, cfg, steps, eot=decode.EOT, **kw)
     before = decode.generate._cache_size()
     other = [decode.Row([7] * n, n, 0.5, 3, 0.5, (1, 2), 0.5, -1.0, {5: 3.0}) for n in (16, 2, 9, 1)]
-    tokens, lengths, knobs, limit, steps = decode.pack(other, n_vocab=CFG.n_vocab)
-    decode.generate(layered, tokens, lengths, knobs, limit, CFG, steps, eot=7, **kw)
+    tokens, lengths, knobs, limit, steps = decode.pack(other, n_vocab=cfg.n_vocab)
+    decode.generate(layered, tokens, lengths, knobs, limit, cfg, steps, eot=7, **kw)
     assert decode.generate._cache_size() == before  # new prompts, settings, limits, eot: no recompile
 
 
-def test_prompt_beyond_the_context_or_vocabulary_is_refused(layered):
+def test_prompt_beyond_the_context_or_vocabulary_is_refused(cfg, layered):
     with pytest.raises(ValueError, match="exceeds the context of 64"):
-        decode.complete(layered, CFG, [decode.Row(list(range(60)), 5)])
-    for ids in ([-1, 3], [3, CFG.n_vocab]):
+        decode.complete(layered, cfg, [decode.Row(list(range(60)), 5)])
+    for ids in ([-1, 3], [3, cfg.n_vocab]):
         with pytest.raises(ValueError, match=r"ids in \[0, 50304\)"):
-            decode.complete(layered, CFG, [decode.Row(ids, 5)])
+            decode.complete(layered, cfg, [decode.Row(ids, 5)])
 
 
 # ---------------------------------------------------------------- sampling filters
@@ -232,9 +174,9 @@ def test_sampling_follows_the_filtered_distribution():
     assert (counts(sampled_token(logits, keys, 0 * ones, 0 * ones, ones, 4)) == [1, 0, 0, 0]).all()
 
 
-def test_text_holds_back_stop_prefixes_and_split_characters():
-    ids = ENC.encode("Hello wörld 😀 and so on. The end")
-    text, deltas = decode.Text(ENC, ["so on", "XYZ"]), []
+def test_text_holds_back_stop_prefixes_and_split_characters(enc):
+    ids = enc.encode("Hello wörld 😀 and so on. The end")
+    text, deltas = decode.Text(enc, ["so on", "XYZ"]), []
     for t in ids:
         deltas.append(text.add(t))
         assert "\ufffd" not in deltas[-1] and not "".join(deltas).endswith(" so")
@@ -244,27 +186,27 @@ def test_text_holds_back_stop_prefixes_and_split_characters():
 
 @settings(max_examples=200)
 @given(st.lists(st.integers(0, decode.VOCAB - 2), max_size=12), st.lists(st.text(max_size=3), max_size=2))
-def test_streamed_text_adds_up_to_the_decoded_tokens(ids, stops):
-    text = decode.Text(ENC, stops)
+def test_streamed_text_adds_up_to_the_decoded_tokens(enc, ids, stops):
+    text = decode.Text(enc, stops)
     shown = "".join(text.add(t) for t in ids) + text.flush()
-    whole = ENC.decode(ids)
+    whole = enc.decode(ids)
     cut = min([whole.find(s) for s in stops if s and s in whole], default=len(whole))
     assert shown == text.text == whole[:cut] and text.stopped == (cut < len(whole))
 
 
 # ---------------------------------------------------------------- penalties, logit bias, logprobs, the finish rule
 
-def test_penalties_and_logit_bias_as_openai_defines_them(params, layered):
+def test_penalties_and_logit_bias_as_openai_defines_them(cfg, prompts, recompute_greedy, params, layered):
     """Greedy decoding with OpenAI's adjustments equals recomputing with them applied in numpy, on the compiled
     loop and the stepwise path alike; a row without them in the same batch is unchanged."""
     settings_ = [dict(frequency=1.5), dict(presence=2.0), dict(presence=-1.0, frequency=0.5),
-                 dict(bias={PROMPTS[0][0]: 100.0}), dict(bias={t: -100.0 for t in recompute_greedy(params, PROMPTS[1], 3)})]
+                 dict(bias={prompts[0][0]: 100.0}), dict(bias={t: -100.0 for t in recompute_greedy(params, prompts[1], 3)})]
     for kw in settings_:
-        rows = [decode.Row(PROMPTS[1], 10, **kw), decode.Row(PROMPTS[0], 10)]
-        want = [recompute_greedy(params, PROMPTS[1], 10, **kw), recompute_greedy(params, PROMPTS[0], 10)]
-        assert decode.complete(layered, CFG, rows) == want, kw
-        assert decode.complete(layered, CFG, rows, on_step=lambda *a: None) == want, kw
-    assert decode.complete(layered, CFG, [decode.Row(PROMPTS[0], 4, bias={PROMPTS[0][0]: 100.0})]) == [[464] * 4]
+        rows = [decode.Row(prompts[1], 10, **kw), decode.Row(prompts[0], 10)]
+        want = [recompute_greedy(params, prompts[1], 10, **kw), recompute_greedy(params, prompts[0], 10)]
+        assert decode.complete(layered, cfg, rows) == want, kw
+        assert decode.complete(layered, cfg, rows, on_step=lambda *a: None) == want, kw
+    assert decode.complete(layered, cfg, [decode.Row(prompts[0], 4, bias={prompts[0][0]: 100.0})]) == [[464] * 4]
 
 
 def test_sampled_penalties_follow_the_shifted_distribution():
@@ -289,11 +231,11 @@ def test_logprobs_are_the_models_own_and_ties_compare_equal():
     assert [decode.top_bucket(k) for k in (0, 1, 2, 3, 5, 17, 20)] == [0, 1, 2, 4, 8, 20, 20]
 
 
-def test_every_token_has_a_distinct_stable_name():
-    names = [decode.token_name(ENC, t) for t in range(CFG.n_vocab)]
-    assert len(set(names)) == CFG.n_vocab
-    assert names[EOT] == "<|endoftext|>" and names[464] == "The" and names[50300] == "<|padding:50300|>"
-    partial = [t for t in range(ENC.n_vocab) if names[t].startswith("bytes:")]
+def test_every_token_has_a_distinct_stable_name(cfg, enc):
+    names = [decode.token_name(enc, t) for t in range(cfg.n_vocab)]
+    assert len(set(names)) == cfg.n_vocab
+    assert names[decode.EOT] == "<|endoftext|>" and names[464] == "The" and names[50300] == "<|padding:50300|>"
+    partial = [t for t in range(enc.n_vocab) if names[t].startswith("bytes:")]
     assert 300 < len(partial) < 400 and names[447] == "bytes:\\xe2\\x80"
 
 

@@ -205,6 +205,56 @@ def test_remat_and_bf16():
     assert lo16.dtype == jnp.float32 and close(lo16, lo32, 5e-2)
 
 
+def test_fp32_islands_hold_under_bf16_compute():
+    """Under bf16 compute, LayerNorm, the attention softmax, the logits and the loss stay float32: each on inputs
+    where the same computation in bf16 (8 significant bits) is visibly wrong, a negative control computed beside
+    it, so that the island computed in bf16 would fail its assertion."""
+    bf16, rng = jnp.bfloat16, np.random.default_rng(0)
+    # LayerNorm of values near 64 (a bf16 ulp of 0.5 there) whose spread is a few ulps: a bf16 mean rounds
+    # away a tenth of the standard deviation.
+    x = (64 + 0.5 * rng.integers(-1, 2, (4, 64))).astype(np.float32)
+    p = {"weight": np.ones(64, np.float32), "bias": np.zeros(64, np.float32)}
+    want = (x - x.mean(-1, keepdims=True, dtype=np.float64)) / np.sqrt(x.var(-1, keepdims=True, dtype=np.float64) + 1e-5)
+    xb = jnp.asarray(x, bf16)
+    mean = xb.mean(-1, keepdims=True)
+    control = (xb - mean) * jax.lax.rsqrt(jnp.square(xb - mean).mean(-1, keepdims=True) + 1e-5)
+    assert np.abs(np.asarray(control, np.float64) - want).max() > 0.1
+    assert np.abs(np.asarray(gptj.layer_norm(xb, p, 1e-5), np.float64) - want).max() < 1e-5
+    # Attention scores near 180 (a bf16 ulp of 1 there) a fraction apart: bf16 scores round the softmax's
+    # weights by factors of e. The output is bf16 (probabilities rounded to 8 bits, eps 2^-8).
+    q = np.full((1, 1, 1, 8), 16.0, np.float32)
+    k = (4 + rng.integers(-4, 5, (1, 1, 6, 8)) / 32).astype(np.float32)  # exact in bf16, as are the products
+    v = np.asarray(jnp.asarray(rng.standard_normal((1, 1, 6, 8)), bf16), np.float64)
+    scores = q.astype(np.float64) @ k.transpose(0, 1, 3, 2) / math.sqrt(8)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    want = ((probs / probs.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3)
+    qb, kb, vb, mask = jnp.asarray(q, bf16), jnp.asarray(k, bf16), jnp.asarray(v, bf16), jnp.ones((1, 1, 6), bool)
+    control = jnp.einsum("bhqk,bhkd->bqhd", jax.nn.softmax(jnp.einsum("bhqd,bhkd->bhqk", qb, kb) / math.sqrt(8)), vb)
+    assert np.abs(np.asarray(control, np.float64) - want).max() > 0.1
+    assert np.abs(np.asarray(gptj.attention(qb, kb, vb, mask), np.float64) - want).max() < 4 * 2.0**-8
+    # The loss of logits near 300 (a bf16 ulp of 2): a bf16 log-sum-exp is off by about a nat.
+    logits = (300 + rng.standard_normal((2, 5, 32))).astype(np.float32)
+    targets = rng.integers(0, 32, (2, 5))
+    want = np.log(np.exp(logits - 300.0).sum(-1)) + 300.0 - np.take_along_axis(logits, targets[..., None], -1)[..., 0]
+    lb = jnp.asarray(logits, bf16)
+    control = jax.nn.logsumexp(lb, -1) - jnp.take_along_axis(lb, jnp.asarray(targets)[..., None], -1)[..., 0]
+    assert np.abs(np.asarray(control, np.float64) - want).max() > 0.1
+    assert np.abs(np.asarray(gptj.cross_entropy(jnp.asarray(logits), jnp.asarray(targets))) - want).max() < 1e-4
+    # Through the model, fp32 master weights cast to bf16 inside: the logits are float32 and accumulated in it
+    # (a bf16 product cast up would make every logit a bf16 number), and the loss is theirs in float64.
+    cfg = dataclasses.replace(CFG, dtype="bfloat16")
+    params, tokens = random_params(cfg, 2), jnp.asarray(rng.integers(0, CFG.n_vocab, (2, 10)), jnp.int32)
+    params["lm_head"]["bias"] = np.zeros_like(params["lm_head"]["bias"])  # an fp32 bias would hide a bf16 product
+    logits = gptj.forward(params, tokens[:, :-1], cfg)[0]
+    assert logits.dtype == jnp.float32
+    assert np.mean(np.asarray(logits) == np.asarray(logits.astype(bf16), np.float32)) < 0.05
+    l64, t = np.asarray(logits, np.float64), np.asarray(tokens[:, 1:])
+    want = (np.log(np.exp(l64 - l64.max(-1, keepdims=True)).sum(-1)) + l64.max(-1)
+            - np.take_along_axis(l64, t[..., None], -1)[..., 0]).mean()
+    loss = gptj.loss_fn(params, tokens, cfg)
+    assert loss.dtype == jnp.float32 and abs(float(loss) - want) < 1e-5 * want
+
+
 # ---------------------------------------------------------------- sharded == unsharded
 # The cost of these properties is compilation, not examples: each (mesh, shape) compiles once, on first use, and
 # every drawn example reuses the programs with new values: weights, token ids (boundary and out-of-range ids too),
@@ -272,14 +322,23 @@ def full_logits(params, cfg, tokens):
     return gptj.forward(params, tokens, cfg)[0]
 
 
-@pytest.mark.parametrize("dp, mp, per_layer", [(1, 1, False), (1, 1, True), (2, 2, False), (2, 2, True),
-                                               (1, 4, False), (4, 2, True), (1, 8, False)])
+# bf16 (fp32 master weights, bf16 compute and cache): each path rounds activations to bf16 (eps 2^-8) at its own
+# points (a decoding step's matmuls have one row), a few eps of the logits' scale apart (2.7 eps at worst
+# measured): held to 8 eps, which a token read at the wrong position exceeds (checked below).
+BF16_TOL = 8 * 2.0**-8
+
+
+@pytest.mark.parametrize("dp, mp, per_layer, dtype", [
+    (1, 1, False, "float32"), (1, 1, True, "float32"), (2, 2, False, "float32"), (2, 2, True, "float32"),
+    (1, 4, False, "float32"), (4, 2, True, "float32"), (1, 8, False, "float32"),
+    (1, 1, True, "bfloat16"), (2, 2, False, "bfloat16")])
 @given(data=st.data())
-def test_kv_cache_decoding_equals_full_forward(dp, mp, per_layer, data):
+def test_kv_cache_decoding_equals_full_forward(dp, mp, per_layer, dtype, data):
     """Rows at different positions, as a server's batch holds them: a right-padded prefill, then each row's
     cache length set back to its own prompt's, then one token per step, each row from its own position.
-    Every row's logits equal those of the row alone through the plain full forward."""
-    cfg = mesh_config(mp)
+    Every row's logits equal those of the row alone through the plain full forward in the same dtype."""
+    cfg = dataclasses.replace(mesh_config(mp), dtype=dtype)
+    tol = 1e-5 if dtype == "float32" else BF16_TOL
     seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
     rng = np.random.default_rng(seed)
     B, T, prefill, steps = 2 * dp, 9, data.draw(st.sampled_from([4, 6]), label="prefill length"), 3  # two shapes
@@ -304,10 +363,13 @@ def test_kv_cache_decoding_equals_full_forward(dp, mp, per_layer, data):
         got.append(np.asarray(out))
     assert (np.asarray(cache["length"]) == lengths + steps).all()
     want = np.asarray(full_logits(params, cfg, jnp.asarray(tokens, jnp.int32)))
+    assert jax.tree.leaves(cache["k"])[0].dtype == jnp.dtype(dtype)
     for b in range(B):
-        assert close(got[0][b, :lengths[b]], want[b, :lengths[b]]), f"row {b}: prefill differs"
+        assert close(got[0][b, :lengths[b]], want[b, :lengths[b]], tol), f"row {b}: prefill differs"
         for i in range(steps):
-            assert close(got[1 + i][b, 0], want[b, lengths[b] + i]), f"row {b} (prompt {lengths[b]}) step {i} differs"
+            assert close(got[1 + i][b, 0], want[b, lengths[b] + i], tol), f"row {b} (prompt {lengths[b]}) step {i}"
+    # The tolerance tells positions apart: the previous position's logits are not close to some step's.
+    assert not all(close(got[1 + i][b, 0], want[b, lengths[b] + i - 1], tol) for b in range(B) for i in range(steps))
     # A row with no room left gets NaN logits, the others are untouched.
     full = {**cache, "length": jnp.zeros(B, jnp.int32).at[0].set(prefill + steps)}
     out, _ = cached_forward(placed, jnp.zeros((B, 1), jnp.int32), full, cfg, mesh)

@@ -13,12 +13,13 @@ from hypothesis import given, strategies as st
 
 import ckpt
 import ckpt_peft
+import data
 import gptj
 import lora
 import sample
 import shard
 import train
-from test_train import TINY, corpus, plain_step  # noqa: F401  (corpus: a fixture)
+from conftest import TINY, assert_trees_close, assert_updates_close, plain_step
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -114,8 +115,9 @@ def test_resume_is_bit_identical(tmp_path, corpus, base):
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
+# warmup_steps 0: both steps update at a non-zero learning rate, the second from adapters the first one produced.
 LORA_RUN = train.Run(**{**train.KEYS, **TINY, **LORA, "n_vocab": 64, "gradient_accumulation_steps": 2,
-                         "lora_targets": ",".join(lora.TARGETS)})
+                         "lora_targets": ",".join(lora.TARGETS), "warmup_steps": 0})
 
 
 @functools.cache
@@ -129,10 +131,9 @@ def lora_programs(dp, mp):
 @given(seed=st.integers(0, 2**32 - 1))
 def test_sharded_lora_step_equals_unsharded(dp, mp, seed):
     """Two LoRA steps over every kind of projection, adapters split as the weights they adapt (A for inputs
-    split over mp, B for outputs), equal plain single-device steps: the loss, the gradient norm, and Adam's two
-    moments, which hold the gradients themselves, to 1e-5 of their scale. The adapters after the steps agree to
-    within the learning rate only: Adam's update g / (sqrt(g^2) + eps) is lr for any gradient well above eps
-    but turns a gradient at rounding level (~1e-8 here) into an arbitrary fraction of lr."""
+    split over mp, B for outputs), equal plain single-device steps, each plain step from the state the sharded
+    steps reached (so the second runs on adapters a sharded update produced): the loss, the gradient norm, Adam's
+    two moments to 2e-5 of each leaf's own scale, and the adapters' updates as assert_updates_close says."""
     run, t, step = lora_programs(dp, mp)
     assert t.shardings["params"]["h"]["out_proj"]["lora_a"].spec == shard.P(None, shard.MP, None)
     assert t.shardings["params"]["h"]["q_proj"]["lora_b"].spec == shard.P(None, None, shard.MP)
@@ -141,25 +142,17 @@ def test_sharded_lora_step_equals_unsharded(dp, mp, seed):
     rng = np.random.default_rng(seed)
     sharded = jax.device_put(state, t.shardings)
     placed = jax.device_put(frozen, t.frozen_shardings)
-    lr_sum = 0.0
     for _ in range(2):
         b = rng.integers(0, 64, (2, 8, run.seq + 1)).astype(np.int32)
-        state, want = step(state, b, frozen)
+        start = jax.device_get(sharded)  # a host copy: the sharded step donates its state
+        want_state, want = step(start, b, frozen)
         sharded, got = t.step(sharded, jax.device_put(b, t.batch_sharding), placed, t.halt(0))
+        assert float(want["lr"]) > 0
         assert all(math.isclose(float(got[k]), float(want[k]), rel_tol=1e-5) for k in want)
-        lr_sum += float(want["lr"])
-    assert lr_sum > 0
+        assert_trees_close(sharded["opt_state"], want_state["opt_state"], rtol=2e-5)
+        assert_updates_close(start, sharded, want_state, float(want["lr"]))
     for x, y in zip(jax.tree.leaves(placed), jax.tree.leaves(frozen)):
         np.testing.assert_array_equal(x, y)  # the base is frozen: bit-unchanged by the steps
-    for (path, _), a, b in zip(jax.tree_util.tree_leaves_with_path(sharded), jax.tree.leaves(sharded),
-                               jax.tree.leaves(state)):
-        a, b = np.asarray(a), np.asarray(b)
-        name = jax.tree_util.keystr(path)
-        tol = 1e-5 * max(np.abs(b).max(), 1e-30 if "opt_state" in name else 1) + (lr_sum if "params" in name else 0)
-        assert np.abs(a - b).max() <= tol, name
-    moved = [np.abs(np.asarray(x) - y).max() for x, y in zip(jax.tree.leaves(state["params"]), jax.tree.leaves(
-        random_adapters(t.cfg, run.lora_rank, t.targets, seed + 1)))]
-    assert min(moved) > 0.1 * lr_sum  # the steps moved every adapter, so the tolerance above is not all there is
 
 
 def test_peft_export_loads_in_peft_and_round_trips(tmp_path, corpus, base):
@@ -307,3 +300,51 @@ def test_bad_lora_input_is_one_line(tmp_path, corpus, base, capsys):
     # A rank that does not fit, read from the lora module directly.
     with pytest.raises(ValueError, match="lora_rank=0"):
         lora.check(CFG, 0, ["q_proj"])
+
+
+def test_fine_tuning_keeps_the_bases_context(tmp_path, corpus, capsys):
+    """Fine-tuned at seq 16, a base of n_ctx 64 stays a model of n_ctx 64: through resume, HF and PEFT export, and
+    scoring a text longer than seq in one window of 64 (a model of n_ctx 16 would roll four windows)."""
+    cfg = dataclasses.replace(CFG, n_ctx=64)
+    base_params = random_params(cfg, 7)
+    ckpt.save(tmp_path / "base", {"params": base_params}, cfg)
+    text = tmp_path / "text.txt"
+    text.write_text("To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer the slings "
+                    "and arrows of outrageous fortune, or to take arms against a sea of troubles.")
+    tokens = data.tokenizer().encode_ordinary(text.read_text())
+    assert TINY["seq"] < len(tokens) < cfg.n_ctx
+
+    def nll(params, **kw):  # one window: the first token conditioned on <|endoftext|>
+        x = jnp.asarray([[data.EOT] + tokens[:-1]], jnp.int32)
+        logp = jax.nn.log_softmax(gptj.forward(params, x, cfg, **kw)[0][0].astype(jnp.float32))
+        return -float(np.take_along_axis(np.asarray(logp, np.float64), np.asarray(tokens)[:, None], 1).mean())
+
+    def scored(checkpoint):
+        assert sample.main(["--checkpoint", str(checkpoint), "--score", str(text)]) == 0
+        got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert got["tokens"] == len(tokens)
+        return got["nll"]
+
+    flags = ["--train_set", str(corpus / "train.tokens"), "--val_set", str(corpus / "val.tokens"), "--init_from",
+             str(tmp_path / "base")] + [x for k, v in TINY.items() for x in (f"--{k}", str(v))]
+    for name, extra in [("lora", [x for k, v in LORA.items() for x in (f"--{k}", str(v))]), ("full", [])]:
+        run = tmp_path / name
+        assert train.main(flags + extra + ["--model_dir", str(run), "--total_steps", "1", "--warmup_steps", "0"]) == 0
+        assert train.main(flags + extra + ["--model_dir", str(run), "--total_steps", "2", "--warmup_steps", "0"]) == 0
+        assert "resumed from" in capsys.readouterr().err
+        assert ckpt.read_config(run) == cfg
+        assert ckpt.main([str(run), str(tmp_path / f"{name}_hf"), "--to", "hf"]) == 0
+        assert json.loads((tmp_path / f"{name}_hf" / "config.json").read_text())["n_positions"] == 64
+        merged, _ = ckpt.load_weights(run)
+        want = nll(merged)
+        assert scored(run) == pytest.approx(want, rel=1e-5) and scored(tmp_path / f"{name}_hf") == pytest.approx(
+            want, rel=1e-5)
+        if name == "lora":  # PEFT's adapter over the base scores as the run does
+            assert ckpt.main([str(run), str(tmp_path / "peft"), "--to", "peft"]) == 0
+            adapters = ckpt_peft.read_adapters(tmp_path / "peft", cfg, 4, 8.0, LORA["lora_targets"].split(","))
+            combined = lora.combine(jax.tree.map(jnp.asarray, base_params), jax.tree.map(jnp.asarray, adapters))
+            assert nll(combined, linear=lora.linear_fn(8.0 / 4)) == pytest.approx(want, rel=1e-5)
+    # A size that contradicts the weights is refused, not trained.
+    assert train.main(flags + ["--model_dir", str(tmp_path / "bad"), "--n_ctx", "32"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "does not match n_ctx 32 (the weights': 64)" in err, err

@@ -1,7 +1,9 @@
 """train.py over several processes on loopback, as on the hosts of a pod slice: each process with its own
 simulated CPU devices, JAX's distributed runtime between them, gloo for the collectives.
 
-These start real processes and compile in each: they are few and tiny, and each launch is bounded (`finish`)."""
+These start real processes and compile in each: they are few and tiny, every wait has a deadline, and every
+process started is killed, with its children, when its test ends (`launched`)."""
+import contextlib
 import json
 import os
 import re
@@ -9,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from typing import NamedTuple
 
@@ -22,7 +25,6 @@ import runtime
 import sample
 import shard
 import train
-from test_train import corpus  # noqa: F401 (a fixture)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 TINY = dict(layers=2, d_model=32, n_heads=4, pe_rotary_dims=4, n_vocab=50304, seq=16, per_replica_batch=2,
@@ -32,12 +34,14 @@ HEARTBEAT_S = 5  # how long a lost peer goes unnoticed, here; the default is run
 
 
 @pytest.fixture(scope="module")
-def setup(corpus):
-    """test_train's corpus, and a config file naming it: every process reads the same files."""
+def setup(corpus, tmp_path_factory):
+    """A folder for this module's runs, holding a config that names the corpus: every process reads the same
+    files. (The corpus folder is the whole session's: nothing is written there.)"""
+    folder = tmp_path_factory.mktemp("multihost")
     config = {**TINY, "train_set": str(corpus / "train.tokens"), "val_set": str(corpus / "val.tokens")}
-    with open(corpus / "tiny.json", "w") as f:
+    with open(folder / "tiny.json", "w") as f:
         json.dump(config, f)
-    return corpus
+    return folder
 
 
 def free_port() -> int:
@@ -46,40 +50,76 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(setup, model_dir, processes: int, devices: int, extra=(), per_process=None):
-    """Start `processes` train.py processes of one run, `devices` simulated CPU devices each. (They share the
-    session's compilation cache, conftest.py's: the same programs in every launch are compiled once.)"""
+@contextlib.contextmanager
+def launched(setup, model_dir, processes: int, devices: int, extra=(), per_process=None):
+    """Start `processes` train.py processes of one run, `devices` simulated CPU devices each; however the block
+    is left, each is killed with any children it started (each leads its own process group), so that a failed
+    assertion leaves nothing running. (They share the session's compilation cache, conftest.py's: the same
+    programs in every launch are compiled once.) Their output goes to files, not pipes: a process that writes
+    more than a pipe holds while the test polls would block, and a failure's message can read the files."""
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
            "JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo", "PYTHONUNBUFFERED": "1"}
     port, procs = free_port(), []
-    for i in range(processes):
-        args = [sys.executable, os.path.join(HERE, "train.py"), "--config", str(setup / "tiny.json"),
-                "--model_dir", str(model_dir), *extra, *(per_process(i) if per_process else ())]
-        if processes > 1:
-            args += ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", str(processes),
-                     "--process_id", str(i), "--heartbeat_timeout_seconds", str(HEARTBEAT_S)]
-        procs.append(subprocess.Popen(args, env=env, cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    return procs
+    logs = tempfile.mkdtemp(prefix=f"{os.path.basename(model_dir)}-logs-", dir=setup)
+    try:
+        for i in range(processes):
+            args = [sys.executable, os.path.join(HERE, "train.py"), "--config", str(setup / "tiny.json"),
+                    "--model_dir", str(model_dir), *extra, *(per_process(i) if per_process else ())]
+            if processes > 1:
+                args += ["--coordinator_address", f"127.0.0.1:{port}", "--num_processes", str(processes),
+                         "--process_id", str(i), "--heartbeat_timeout_seconds", str(HEARTBEAT_S)]
+            stem = os.path.join(logs, str(i))
+            with open(stem + ".out", "w") as out, open(stem + ".err", "w") as err:
+                procs.append(subprocess.Popen(args, env=env, cwd=HERE, stdout=out, stderr=err,
+                                              start_new_session=True))
+            procs[-1].out, procs[-1].err = stem + ".out", stem + ".err"
+        yield procs
+    finally:
+        for p in procs:
+            with contextlib.suppress(ProcessLookupError):  # the group is gone: the process and any children
+                os.killpg(p.pid, signal.SIGKILL)
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):  # never hide the failure that got us here
+                p.wait(10)
+
+
+def read(path) -> str:
+    with open(path, errors="replace") as f:
+        return f.read()
+
+
+def tails(procs, chars=3000) -> str:
+    """For a failure's message: each process's exit code (None: still running) and the end of its stderr."""
+    return "\n".join(f"--- process {i}, exit code {p.poll()}, the end of its stderr:\n{read(p.err)[-chars:]}"
+                     for i, p in enumerate(procs))
 
 
 def finish(procs, timeout=240):
-    out = []
+    """Wait for every process to exit, `timeout` seconds for all of them -> [(exit code, stdout, stderr)]."""
+    deadline = time.monotonic() + timeout
     for p in procs:
         try:
-            stdout, stderr = p.communicate(timeout=timeout)
+            p.wait(max(deadline - time.monotonic(), 0))
         except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
-        out.append((p.returncode, stdout, stderr))
-    return out
+            raise AssertionError(f"still running after {timeout} s\n{tails(procs)}") from None
+    return [(p.returncode, read(p.out), read(p.err)) for p in procs]
+
+
+def wait_until(condition, procs, what: str, timeout=200):
+    """Poll `condition` until it holds; fail if a process exits first or `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        exited = any(p.poll() is not None for p in procs)
+        assert not exited and time.monotonic() < deadline, \
+            f"waiting for {what}: {'a process exited' if exited else f'not after {timeout} s'}\n{tails(procs)}"
+        time.sleep(0.2)
 
 
 def run(setup, model_dir, processes, devices, extra=(), **kw):
-    results = finish(launch(setup, model_dir, processes, devices, extra, **kw))
-    for rc, stdout, stderr in results:
-        assert rc == 0, stderr[-3000:]
+    """A launch that must succeed -> [(exit code, stdout, stderr)]."""
+    with launched(setup, model_dir, processes, devices, extra, **kw) as procs:
+        results = finish(procs)
+        assert all(rc == 0 for rc, _, _ in results), tails(procs)
     return results
 
 
@@ -136,16 +176,14 @@ def test_two_processes_train_as_one(setup, references, capsys):
 def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_bit_identical(setup, references):
     _, two, _ = references
     cut = setup / "cut"
-    procs = launch(setup, cut, 2, 4, ["--total_steps", "40", "--ckpt_every", "0", "--val_every", "0"])
-    deadline = time.time() + 200
-    while not os.path.exists(cut / "metrics.jsonl") or len(open(cut / "metrics.jsonl").readlines()) < 2:
-        assert time.time() < deadline and all(p.poll() is None for p in procs)
-        time.sleep(0.2)
-    procs[1].send_signal(signal.SIGTERM)  # to process 1 only: process 0 learns of it through the next step
-    results = finish(procs)
-    assert [rc for rc, _, _ in results] == [0, 0], results[1][2][-3000:]
-    stopped = ckpt.read_meta(ckpt.latest(cut))["step"]
-    assert 2 <= stopped < 40 and "stopped by a signal" in results[0][2]
+    with launched(setup, cut, 2, 4, ["--total_steps", "40", "--ckpt_every", "0", "--val_every", "0"]) as procs:
+        metrics = cut / "metrics.jsonl"
+        wait_until(lambda: os.path.exists(metrics) and len(read(metrics).splitlines()) >= 2, procs, "2 steps logged")
+        procs[1].send_signal(signal.SIGTERM)  # to process 1 only: process 0 learns of it through the next step
+        results = finish(procs)
+        assert [rc for rc, _, _ in results] == [0, 0], tails(procs)
+        stopped = ckpt.read_meta(ckpt.latest(cut))["step"]
+        assert 2 <= stopped < 40 and "stopped by a signal" in results[0][2], tails(procs)
     # Resumed with the reference's settings, it ends where an uninterrupted run ends: to the bit.
     if stopped < TINY["total_steps"]:
         run(setup, cut, 2, 4)
@@ -172,51 +210,52 @@ def test_one_process_checkpoint_resumes_in_two(setup, references):
 
 def test_init_from_and_benchmark_on_two_processes(setup, references):
     one, _, _ = references
-    (_, out0, err0), _ = run(setup, setup / "fine-tuned", 2, 4, ["--init_from", str(one), "--total_steps", "1",
-                                                                  "--val_batches", "0"])
-    assert "initialised from" in err0 and "step 1/1" in out0
-    (_, out0, _), (_, out1, _) = run(setup, setup / "bench", 2, 4, ["--benchmark", "--benchmark_steps", "1"])
+    # The two runs at once: they are independent, and much of a launch is waiting (processes starting, joining
+    # the coordinator, gloo connecting), which the other run's work fills. Both hit the cache for every program.
+    with (launched(setup, setup / "fine-tuned", 2, 4, ["--init_from", str(one), "--total_steps", "1",
+                                                       "--val_batches", "0"]) as tuned,
+          launched(setup, setup / "bench", 2, 4, ["--benchmark", "--benchmark_steps", "1"]) as bench):
+        (rc0, out0, err0), (rc1, _, _) = finish(tuned)
+        assert rc0 == rc1 == 0 and "initialised from" in err0 and "step 1/1" in out0, tails(tuned)
+        (rc0, out0, _), (rc1, out1, _) = finish(bench)
+        assert rc0 == rc1 == 0, tails(bench)
     record = json.loads(out0.strip().splitlines()[-1])
     assert record["devices"] == 8 and record["tokens_per_s"] > 0 and 0 < record["mfu"] < 1
     assert '"tokens_per_s"' not in out1  # process 0 reports
 
 
 def test_a_killed_peer_ends_the_survivor_within_the_heartbeat(setup):
-    procs = launch(setup, setup / "killed", 2, 4, ["--total_steps", "1000", "--ckpt_every", "0", "--val_every", "0"])
-    deadline = time.time() + 200
-    while not os.path.exists(setup / "killed" / "metrics.jsonl"):
-        assert time.time() < deadline and all(p.poll() is None for p in procs)
-        time.sleep(0.2)
-    procs[1].kill()
-    start = time.time()
-    rc, _, _ = finish(procs[:1], timeout=6 * HEARTBEAT_S)[0]
-    procs[1].wait()
-    assert rc != 0 and time.time() - start < 6 * HEARTBEAT_S
+    killed = setup / "killed"
+    with launched(setup, killed, 2, 4, ["--total_steps", "1000", "--ckpt_every", "0", "--val_every", "0"]) as procs:
+        wait_until(lambda: os.path.exists(killed / "metrics.jsonl"), procs, "a step logged")
+        procs[1].kill()
+        (rc, _, _), = finish(procs[:1], timeout=6 * HEARTBEAT_S)  # fails, with its stderr, if it outlives that
+        assert rc != 0, tails(procs[:1])
 
 
 def test_an_error_one_process_sees_ends_both_with_its_message(setup):
     missing = str(setup / "not-on-this-host.tokens")
-    start = time.time()
-    results = finish(launch(setup, setup / "missing", 2, 4,
-                            per_process=lambda i: ["--train_set", missing] if i == 1 else []))
-    assert time.time() - start < 60  # not the 5-minute shutdown barrier
-    assert [rc for rc, _, _ in results] == [1, 1]
-    assert error_line(results[1][2], "not-on-this-host.tokens")
-    assert "process 1 failed" in results[0][2] and "not-on-this-host.tokens" in results[0][2]
+    with launched(setup, setup / "missing", 2, 4,
+                  per_process=lambda i: ["--train_set", missing] if i == 1 else []) as procs:
+        results = finish(procs, timeout=60)  # not the 5-minute shutdown barrier
+        assert [rc for rc, _, _ in results] == [1, 1], tails(procs)
+        assert error_line(results[1][2], "not-on-this-host.tokens"), tails(procs)
+        assert "process 1 failed" in results[0][2] and "not-on-this-host.tokens" in results[0][2], tails(procs)
 
 
-def test_a_bad_token_in_one_process_rows_ends_both(setup):
+def test_a_bad_token_in_one_process_rows_ends_both(setup, corpus):
     """A token id past n_vocab in a window that only process 1 builds, at step 3: both stop there, and the
     checkpoint of step 2 is the newest."""
-    tokens = np.fromfile(setup / "train.tokens", data.TOKEN_DTYPE).copy()
+    tokens = np.fromfile(corpus / "train.tokens", data.TOKEN_DTYPE).copy()
     order = data.Stream(tokens, TINY["seq"], 0).order(0)
     batch = 4 * TINY["per_replica_batch"]  # dp 4
     window = int(order[3 * batch - 1])  # step 3's last row: process 1's
     tokens[window * TINY["seq"] + 3] = 60000
     tokens.tofile(setup / "bad.tokens")
-    results = finish(launch(setup, setup / "bad", 2, 4, ["--train_set", str(setup / "bad.tokens")]))
-    assert [rc for rc, _, _ in results] == [1, 1]
-    assert error_line(results[1][2], "60000") and error_line(results[0][2], "process 1 failed")
+    with launched(setup, setup / "bad", 2, 4, ["--train_set", str(setup / "bad.tokens")]) as procs:
+        results = finish(procs)
+        assert [rc for rc, _, _ in results] == [1, 1], tails(procs)
+        assert error_line(results[1][2], "60000") and error_line(results[0][2], "process 1 failed"), tails(procs)
     assert os.path.basename(ckpt.latest(setup / "bad")) == "step_00000002"
 
 

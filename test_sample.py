@@ -3,9 +3,11 @@ as one line, and --serve under SIGTERM."""
 import io
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
+import threading
 import urllib.request
 
 import jax
@@ -14,16 +16,14 @@ import pytest
 import ckpt
 import sample
 import score
-from test_decode import CFG, ENC, PROMPTS, layered, params, reference  # noqa: F401 (fixtures)
-from test_score import LAMBADA, TEXT, direct_lambada
 
 
 # ---------------------------------------------------------------- command line
 
 @pytest.fixture(scope="module")
-def checkpoint(params, tmp_path_factory):
+def checkpoint(cfg, params, tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "step_00000001"
-    ckpt.save(path, {"params": params}, CFG)
+    ckpt.save(path, {"params": params}, cfg)
     return str(path)
 
 
@@ -38,36 +38,37 @@ def cli(capsys, *argv, stdin=None):
     return code, out, err
 
 
-def test_cli_json_in_prompt_order(capsys, checkpoint, params, reference):
-    texts = [ENC.decode(p) for p in PROMPTS]
+def test_cli_json_in_prompt_order(enc, prompts, capsys, checkpoint, params, reference):
+    texts = [enc.decode(p) for p in prompts]
     argv = ["--checkpoint", checkpoint, "--greedy", "--max_new_tokens", "10", "--json"]
     code, out, _ = cli(capsys, *argv, *[a for t in texts for a in ("--prompt", t)])
     lines = [json.loads(x) for x in out.splitlines()]
     assert code == 0 and [x["prompt"] for x in lines] == texts
     assert [x["completion_ids"] for x in lines] == reference
-    assert [x["completion"] for x in lines] == [ENC.decode(r) for r in reference]
+    assert [x["completion"] for x in lines] == [enc.decode(r) for r in reference]
     code, out, _ = cli(capsys, *argv, "--mesh", "2,2", "--num_samples", "3", "--prompt", texts[0])
     assert [json.loads(x)["completion_ids"] for x in out.splitlines()] == [reference[0]] * 3
 
 
-def test_cli_streams_one_sample_and_reads_stdin(capsys, checkpoint, reference):
-    prompt = ENC.decode(PROMPTS[1])
+def test_cli_streams_one_sample_and_reads_stdin(enc, prompts, capsys, checkpoint, reference):
+    prompt = enc.decode(prompts[1])
     code, out, _ = cli(capsys, "--checkpoint", checkpoint, "--greedy", "--max_new_tokens", "10", "--prompt", prompt)
-    assert code == 0 and out == prompt + ENC.decode(reference[1]) + "\n"
+    assert code == 0 and out == prompt + enc.decode(reference[1]) + "\n"
     code, out, _ = cli(capsys, "--checkpoint", checkpoint, "--greedy", "--max_new_tokens", "10", "--json",
-                       stdin=f"{prompt}\n\n{ENC.decode(PROMPTS[0])}\n")
+                       stdin=f"{prompt}\n\n{enc.decode(prompts[0])}\n")
     assert [json.loads(x)["completion_ids"] for x in out.splitlines()] == [reference[1], reference[0]]
 
 
-def test_cli_score_and_lambada(capsys, checkpoint, params, layered, tmp_path):
-    (tmp_path / "t.txt").write_text(TEXT)
-    (tmp_path / "l.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in LAMBADA))
+def test_cli_score_and_lambada(cfg, enc, text, lambada_texts, direct_lambada, capsys, checkpoint, params, layered,
+                               tmp_path):
+    (tmp_path / "t.txt").write_text(text)
+    (tmp_path / "l.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in lambada_texts))
     code, out, _ = cli(capsys, "--checkpoint", checkpoint, "--score", str(tmp_path / "t.txt"), "--batch_size", "8")
-    want = score.score_text(layered, CFG, TEXT, ENC)
+    want = score.score_text(layered, cfg, text, enc)
     assert code == 0 and json.loads(out)["nll"] == pytest.approx(want["nll"], rel=1e-6)
     argv = ["--checkpoint", checkpoint, "--lambada", str(tmp_path / "l.jsonl"), "--mesh", "2,2", "--batch_size", "8"]
     code, out, _ = cli(capsys, *argv)
-    got, want = json.loads(out), direct_lambada(params, LAMBADA)
+    got, want = json.loads(out), direct_lambada(params, lambada_texts)
     assert code == 0 and got["acc"] == want["acc"] and got["ppl"] == pytest.approx(want["ppl"], rel=1e-5)
 
 
@@ -101,29 +102,45 @@ def test_cli_without_checkpoint_says_how_to_make_one(capsys, tmp_path, monkeypat
     assert code == 1 and "python train.py" in err
 
 
-def test_benchmark_reports_speed_and_the_bound(layered):
-    got = sample.benchmark(layered, CFG, 2, 8)
+def test_benchmark_reports_speed_and_the_bound(cfg, layered):
+    got = sample.benchmark(layered, cfg, 2, 8)
     assert got["weights_bytes"] == sum(x.nbytes for x in jax.tree.leaves(layered)) - layered["wte"].nbytes
     assert all(got[k] > 0 for k in ("prefill_tokens_per_s", "decode_tokens_per_s", "time_to_first_token_s",
                                     "compile_s", "bandwidth_bytes_per_s", "decode_bound_tokens_per_s",
                                     "loop_ms_per_token", "stream_ms_per_token"))
     with pytest.raises(ValueError, match="64 new tokens leave no room for a prompt in the context of 64"):
-        sample.benchmark(layered, CFG, 2, 64)
+        sample.benchmark(layered, cfg, 2, 64)
 
 
-def test_sigterm_stops_the_cli_server(checkpoint):
+def test_sigterm_stops_the_cli_server(checkpoint, patience):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
     proc = subprocess.Popen([sys.executable, "sample.py", "--checkpoint", checkpoint, "--serve", "--port", "0"],
                             cwd=os.path.dirname(os.path.abspath(__file__)), env=env, stderr=subprocess.PIPE, text=True)
+    # stderr is read on a thread, so that waiting for its first line has a deadline, and the pipe never fills up.
+    lines = queue.Queue()
+
+    def read():
+        for x in proc.stderr:
+            lines.put(x)
+        lines.put("")  # stderr closed
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        line = proc.stderr.readline()
-        assert "serving http://127.0.0.1:" in line
+        try:
+            line = lines.get(timeout=patience)
+        except queue.Empty:
+            raise AssertionError(f"sample.py --serve wrote nothing to stderr in {patience:.0f} s") from None
+        assert "serving http://127.0.0.1:" in line, f"sample.py --serve: {line!r}, exit status {proc.poll()}"
         port = int(line.split(":")[2].split("/")[0])
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=patience) as r:
             assert r.status == 200
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=10) as r:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=patience) as r:
             assert json.load(r)["data"][0]["id"] == "ckpt0"  # the run folder of the step_ folder it serves
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=patience) == 0
     finally:
         proc.kill()
+        proc.wait()
+        reader.join(patience)
+        proc.stderr.close()

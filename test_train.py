@@ -9,13 +9,14 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 import types
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 
 import ckpt
 import data
@@ -23,22 +24,9 @@ import gptj
 import runtime
 import shard
 import train
+from conftest import TINY, assert_trees_close, assert_updates_close, plain_step
 
 jax.config.update("jax_default_matmul_precision", "highest")
-
-TINY = dict(layers=2, d_model=32, n_heads=4, pe_rotary_dims=4, n_vocab=50304, seq=16, per_replica_batch=2,
-            warmup_steps=2, anneal_steps=10, lr=3e-3, end_lr=3e-4, total_steps=4, val_every=2, val_batches=2,
-            ckpt_every=2, log_every=1, sample_tokens=0)
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("corpus")
-    tokens = np.asarray(data.load_tokens("shakespeare:val"))
-    tokens[:8000].tofile(folder / "train.tokens")
-    tokens[8000:10000].tofile(folder / "val.tokens")
-    return folder
-
 
 ONE = jax.devices()[:1]  # one device unless a test is about meshes: fewer compiles, same loop
 
@@ -69,13 +57,9 @@ def test_weight_decay_only_on_matrices():
         f"['h']['{n}']['weight']" for n in ("q_proj", "k_proj", "v_proj", "out_proj", "fc_in", "fc_out")])
 
 
-ZERO_RUN = train.Run(**{**train.KEYS, **TINY, "n_vocab": 64, "gradient_accumulation_steps": 2, "weight_decay": 0.1})
-
-
-@functools.cache
-def plain_step(run):
-    """The plain single-device step, compiled once for every mesh's examples (the mesh does not change it)."""
-    return jax.jit(train.make_step(run, run.model(), None)[1])
+# warmup_steps 0: both steps update at a non-zero learning rate, the second from params the first one produced.
+ZERO_RUN = train.Run(**{**train.KEYS, **TINY, "n_vocab": 64, "gradient_accumulation_steps": 2, "weight_decay": 0.1,
+                        "warmup_steps": 0})
 
 
 @functools.cache
@@ -90,25 +74,96 @@ def zero_programs(dp, mp):
 @given(seed=st.integers(0, 2**32 - 1), ids=st.sampled_from(["random", "boundary", "repeated"]))
 def test_sharded_zero_step_equals_unsharded(dp, mp, seed, ids):
     """Two optimizer steps of two accumulated micro-batches on a (dp, mp) mesh, optimizer state split over dp
-    too, equal plain single-device steps."""
+    too, equal plain single-device steps. Both steps run at a non-zero learning rate, and each plain step starts
+    from the state the sharded steps reached, so the second one's forward and backward run on params a sharded
+    update produced, and a difference cannot hide in the drift of two runs apart. fp32 throughout: the sharded
+    step sums the same products in another order (psum over mp, the mean over dp), a few ulps of the summands.
+    - Adam's moments hold the gradients, sums that cancel (a bias's gradient adds every token's): 2e-5 of each
+      leaf's own scale (2e-6 at worst measured), where a wrong moment is off by all of it.
+    - The params, by their update (~lr an element): Adam's g / sqrt(v) turns a gradient at rounding level into
+      any fraction of lr, so assert_updates_close holds the elements of clear gradients to 1e-3 of lr, which a
+      missing or doubled update (all of it) fails by far, and the rest to their bound."""
     run, t, step, init = zero_programs(dp, mp)
     mu = t.shardings["opt_state"][1].mu
     assert shard.DP in mu["h"]["fc_in"]["weight"].spec and shard.DP in mu["wte"].spec  # ZeRO-1: split over dp
-    state = init(jax.random.PRNGKey(seed))
     rng = np.random.default_rng(seed)
     shape = (2, 8, run.seq + 1)
     batches = [{"random": lambda: rng.integers(0, 64, shape),
                 "boundary": lambda: rng.choice([0, 1, 62, 63], shape),  # the ends of each device's vocab slice
                 "repeated": lambda: np.broadcast_to(rng.integers(0, 64, shape[2:]), shape)}[ids]().astype(np.int32)
                for _ in range(2)]
-    sharded = jax.device_put(state, t.shardings)
+    sharded = jax.device_put(init(jax.random.PRNGKey(seed)), t.shardings)
     for b in batches:
-        state, want = step(state, b)
+        start = jax.device_get(sharded)  # a host copy: the sharded step donates its state
+        want_state, want = step(start, b)
         sharded, got = t.step(sharded, jax.device_put(b, t.batch_sharding), {}, t.halt(0))
+        assert float(want["lr"]) > 0
         assert all(math.isclose(float(got[k]), float(want[k]), rel_tol=1e-5) for k in want)
-    for path, a, b in zip(jax.tree_util.tree_leaves_with_path(sharded), jax.tree.leaves(sharded), jax.tree.leaves(state)):
-        a, b = np.asarray(a), np.asarray(b)
-        assert np.abs(a - b).max() <= 1e-5 * max(np.abs(b).max(), 1), jax.tree_util.keystr(path[0])
+        assert_trees_close(sharded["opt_state"], want_state["opt_state"], rtol=2e-5)
+        assert_updates_close(start, sharded, want_state, float(want["lr"]))
+
+
+BF16_RUN = dataclasses.replace(ZERO_RUN, dtype="bfloat16")
+EPS = 2.0**-8  # bf16's machine epsilon: 8 significant bits
+
+
+@pytest.mark.parametrize("dp, mp", [(2, 2), (8, 1), (1, 4)])
+@settings(max_examples=8)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_bf16_sharded_step_equals_unsharded(dp, mp, seed):
+    """The step accelerators run: fp32 master weights and optimizer state, bf16 compute (dtype bfloat16). Two
+    steps on a (dp, mp) mesh equal plain single-device bf16 steps, each from the state the sharded steps reached.
+    The paths round activations to bf16 at different points (a psum of partial products rounded apart), so they
+    agree to bf16's precision, not fp32's: in units of EPS (measured worst in brackets), the loss to 1 (0.03),
+    the gradient norm to 1 (0.16), Adam's first moment to 16 of its own scale (4.6), the second, squares of the
+    gradients, to 32 (8.5); updates where the gradient is above a tenth of its leaf's largest to 0.1 lr (0.033).
+    A shard's contribution lost or counted twice moves any of these by far more than their tolerance."""
+    run = dataclasses.replace(BF16_RUN, cores_per_replica=mp, per_replica_batch=8 // dp)
+    t, step = train.Trainer(run, jax.devices()[: dp * mp]), plain_step(BF16_RUN)
+    assert t.cfg.dtype == "bfloat16" and t.shapes["params"]["wte"].dtype == jnp.float32  # fp32 masters
+    rng = np.random.default_rng(seed)
+    sharded = jax.device_put(jax.jit(t.init_state)(jax.random.PRNGKey(seed)), t.shardings)
+    for _ in range(2):
+        b = rng.integers(0, 64, (2, 8, run.seq + 1)).astype(np.int32)
+        start = jax.device_get(sharded)
+        want_state, want = step(start, b)
+        sharded, got = t.step(sharded, jax.device_put(b, t.batch_sharding), {}, t.halt(0))
+        assert float(want["lr"]) > 0
+        assert math.isclose(float(got["loss"]), float(want["loss"]), rel_tol=EPS)
+        assert math.isclose(float(got["grad_norm"]), float(want["grad_norm"]), rel_tol=EPS)
+        adam = lambda state: state["opt_state"][1]
+        assert_trees_close(adam(sharded).mu, adam(want_state).mu, rtol=16 * EPS)
+        assert_trees_close(adam(sharded).nu, adam(want_state).nu, rtol=32 * EPS)
+        assert_updates_close(start, sharded, want_state, float(want["lr"]), clear=0.1, tol=0.1)
+
+
+def test_bf16_gradient_accumulation():
+    """grad_acc_dtype bfloat16 sums four micro-batches' gradients in bf16: the same loss, and gradients within
+    bf16's rounding of a four-term sum of the fp32 ones (measured worst in brackets): the norm to 1 EPS
+    (0.02), Adam's first moment (the gradient, at step 1) to 4 EPS of each leaf's scale (1.6). Not equal
+    either: the sum really is in bf16."""
+    base = dataclasses.replace(ZERO_RUN, gradient_accumulation_steps=4, per_replica_batch=2)
+    t = train.Trainer(base, ONE)
+    state = t.init_state(jax.random.PRNGKey(0))
+    batch = np.random.default_rng(0).integers(0, 64, (4, 2, base.seq + 1)).astype(np.int32)
+    (s32, m32), (s16, m16) = (plain_step(dataclasses.replace(base, grad_acc_dtype=d))(state, batch)
+                              for d in ("float32", "bfloat16"))
+    assert float(m16["loss"]) == float(m32["loss"])
+    assert 0 < abs(float(m16["grad_norm"]) / float(m32["grad_norm"]) - 1) <= EPS
+    assert_trees_close(s16["opt_state"][1].mu, s32["opt_state"][1].mu, rtol=4 * EPS)
+
+
+def test_float16_trains():
+    """dtype float16 computes in fp16 over fp32 master weights: one step runs, its loss within fp16's eps
+    (2^-10) of the fp32 step's (0.01 of it measured), every leaf's update finite and about lr (1 to 1.04 lr
+    measured: Adam's first step). No loss scaling: these gradients sit well inside fp16's range."""
+    run = dataclasses.replace(ZERO_RUN, dtype="float16")
+    state = train.Trainer(run, ONE).init_state(jax.random.PRNGKey(0))
+    batch = np.random.default_rng(0).integers(0, 64, (2, 8, run.seq + 1)).astype(np.int32)
+    (s16, m16), (_, m32) = plain_step(run)(state, batch), plain_step(ZERO_RUN)(state, batch)
+    assert math.isclose(float(m16["loss"]), float(m32["loss"]), rel_tol=2.0**-10)
+    moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - np.asarray(b)).max(), s16["params"], state["params"])
+    assert all(np.isfinite(x) and 0.5 * run.lr < x < 2 * run.lr for x in jax.tree.leaves(moved)), moved
 
 
 def test_gradient_accumulation_equals_one_big_batch():
@@ -218,9 +273,18 @@ def test_wandb_logs_every_record_and_a_resumed_run_continues_it(tmp_path, corpus
     assert [r["step"] for r in logged] == [1, 2, 3]
     runs = sorted(glob.glob(os.path.join(run.model_dir, "wandb", "offline-run-*", "run-*.wandb")))
     assert len(runs) == 2
-    seen, ids = [], set()
-    for path in runs:
-        for r in wandb_records(path):
+    # wandb's service process may still be writing a run's log after finish() returns: read until every record
+    # has arrived, for at most a minute.
+    deadline = time.monotonic() + 60
+    while True:
+        seen, ids = [], set()
+        try:
+            records = [r for path in runs for r in wandb_records(path)]
+        except Exception:  # a record half written
+            if time.monotonic() > deadline:
+                raise
+            records = []
+        for r in records:
             kind = r.WhichOneof("record_type")
             if kind == "run":
                 ids.add(r.run.run_id)
@@ -228,6 +292,9 @@ def test_wandb_logs_every_record_and_a_resumed_run_continues_it(tmp_path, corpus
             elif kind == "history":
                 items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
                 seen.append({"step": items["_step"]} | {k: v for k, v in items.items() if not k.startswith("_")})
+        if len(seen) >= len(logged) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert len(ids) == 1 and open(os.path.join(run.model_dir, "wandb_id")).read().strip() in ids  # one W&B run
     assert seen == logged  # every record, with the training step as W&B's step, val_loss included
 
@@ -298,6 +365,7 @@ def test_plan_reports_per_device_memory():
     assert out["devices"] == 8 and out["mesh"] == {"dp": 4, "mp": 2} and out["platform"] == "cpu"
     assert out["frozen_bytes"] == 0  # full fine-tuning: every param trains
     cfg = run.model()
+    assert out["n_params"] == cfg.n_params() and out["fits"] is None  # no tpu_size: no device memory to judge by
     assert out["params_bytes"] == pytest.approx(4 * cfg.n_params() / 2, rel=0.01)
     assert out["opt_state_bytes"] == pytest.approx(2 * out["params_bytes"] / 4, rel=0.05)  # ZeRO: / dp
     assert out["total_bytes"] == out["params_bytes"] + out["opt_state_bytes"] + out["temp_bytes"]
@@ -311,6 +379,30 @@ def test_plan_targets_the_tpu_of_tpu_size():
         train.v3_topology(12)
 
 
+def plan_process(*flags, libtpu=False):
+    """train.py --plan in a fresh process with the README's environment (no simulated devices), its JSON line and
+    its last stderr line. Without libtpu=True, libtpu is hidden where installed: the XLA:CPU path."""
+    code = f"import sys, train; train.has_libtpu = lambda: {libtpu}; sys.exit(train.main(sys.argv[1:]))"
+    flags = ["--plan"] + [x for k, v in TINY.items() for x in (f"--{k}", str(v))] + list(flags)
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    res = subprocess.run([sys.executable, "-c", code] + flags, capture_output=True, text=True, timeout=300, env=env,
+                         cwd=os.path.dirname(os.path.abspath(__file__)))
+    lines = res.stdout.strip().splitlines()
+    return res.returncode, json.loads(lines[-1]) if lines else None, (res.stderr.strip().splitlines() or [""])[-1]
+
+
+def test_plan_in_a_fresh_process_on_cpus_says_whether_it_fits():
+    # A v3-8 config without libtpu: 8 simulated CPU devices, judged by a v3 core's 16 GiB.
+    code, out, err = plan_process("--tpu_size", "8", "--cores_per_replica", "2")
+    assert code == 0, err
+    assert (out["platform"], out["devices"], out["mesh"]) == ("cpu", 8, {"dp": 4, "mp": 2})
+    assert out["fits"] is True and out["available_bytes"] == 16 * 2**30 and out["total_bytes"] < 2**30
+    assert out["n_params"] == train.Run(**{**train.KEYS, **TINY}).model().n_params()
+    code, out, err = plan_process("--device_memory", "0.001")  # 1 MiB a device cannot hold the step
+    assert code == 1 and out["fits"] is False and out["total_bytes"] > out["available_bytes"] == round(2**30 / 1000)
+    assert err.startswith("error: ") and "does not fit" in err
+
+
 @pytest.mark.skipif(not train.has_libtpu(), reason="needs libtpu (pip install 'jax[tpu]'), 700 MB: not in CI")
 def test_plan_compiles_for_a_tpu_without_one():
     run = train.Run(**{**train.KEYS, **TINY, "tpu_size": 8, "cores_per_replica": 2})
@@ -318,13 +410,21 @@ def test_plan_compiles_for_a_tpu_without_one():
     out = train.plan(run, devices, topology)
     assert (out["platform"], out["device_kind"], out["topology"], out["devices"]) == ("tpu", "TPU v3", "v3:2x2", 8)
     assert out["dtype"] == "bfloat16"  # auto, for the TPU
+    assert out["fits"] is True and out["available_bytes"] == 16 * 2**30
+    # Logits of 64 rows x 2048 positions x 50304 in fp32 are 26 GB a core: the TPU compiler's refusal is the answer.
+    code, out, err = plan_process("--tpu_size", "8", "--seq", "2048", "--per_replica_batch", "64", libtpu=True)
+    assert code == 1 and out["fits"] is False and out["needed_bytes"] > out["available_bytes"] > 15 * 2**30, err
+    assert out["compiler"].startswith("RESOURCE_EXHAUSTED") and err.startswith("error: ") and "does not fit" in err
 
 
 def test_mfu_divides_by_the_highest_peak_read(tmp_path, monkeypatch):
-    """A shared CPU can read its matmul peak a third low: the peak is read again at every record and the
-    highest kept, so one low reading does not inflate mfu for the rest of the run."""
-    peaks = iter([100e9, 300e9, 200e9])
+    """A shared CPU can read its matmul peak a third low: the peak is read again each minute and the highest
+    kept, so one low reading does not inflate mfu for the rest of the run."""
+    peaks = iter([300e9, 200e9])
+    monkeypatch.setattr(train, "device_peak", lambda device, dtype: 100e9)  # the process's first reading
     monkeypatch.setattr(train, "matmul_peak", lambda device, dtype, readings=4: next(peaks))
+    clock = iter(range(0, 10**6, 61))  # a minute passes between any two readings of the clock
+    monkeypatch.setattr(train.time, "perf_counter", lambda: float(next(clock)))
     cfg = train.Run(**{**train.KEYS, **TINY}).model()
     mesh = types.SimpleNamespace(size=1, shape={shard.MP: 1})
     t = types.SimpleNamespace(device=jax.devices()[0], cfg=cfg, mesh=mesh, dp=1, flops_per_token=lambda: 1e9,
@@ -443,71 +543,3 @@ def test_bad_input_is_one_line_and_exits_nonzero(tmp_path, corpus, capsys, args,
     assert train.main(base + [a.format(tmp=tmp_path) for a in args]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and message in err[-1], err
-
-
-@pytest.mark.skipif(not runtime.GLIBC, reason="glibc only")
-@pytest.mark.parametrize("keep", [False, True])
-def test_freed_host_memory_is_reused_not_faulted_in_again(keep):
-    # Fresh processes: the setting only takes before JAX starts its threads. A loop like training's: donated
-    # state, and a 64 MiB temporary per call (above the 32 MiB up to which glibc's mmap threshold adapts), which
-    # without the setting faults in its pages again each time.
-    code = f"""if 1:
-        import resource
-        import runtime
-        took = {keep} and runtime.keep_freed_host_memory()
-        import jax, jax.numpy as jnp
-        f = jax.jit(lambda x: x * 2 + 1, donate_argnums=0)
-        g = jax.jit(lambda x: x.sum(0) + jnp.tanh(x * 2).sum(0))
-        x = jnp.ones((16, 1 << 20))
-        def call(n, x):
-            for _ in range(n):
-                x = f(x)
-                g(x).block_until_ready()
-            return x
-        x = call(2, x)
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        call(8, x)
-        print(took, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__)))
-    took, faults = res.stdout.split()
-    pages_per_call = 64 * 2**20 // os.sysconf("SC_PAGE_SIZE")
-    if keep:
-        assert took == "True" and int(faults) < pages_per_call, res.stdout
-    else:  # the problem the setting solves, so that the assertion above means something
-        thp = "/sys/kernel/mm/transparent_hugepage/enabled"  # huge pages for everything would hide it
-        if not (os.path.exists(thp) and "[always]" in open(thp).read()):
-            assert int(faults) > 8 * pages_per_call, res.stdout
-
-
-@pytest.mark.skipif(not runtime.GLIBC, reason="glibc only")
-@pytest.mark.parametrize("trim_above_2_gib", [False, True])
-def test_freed_host_memory_is_kept_above_2_gib(trim_above_2_gib):
-    # glibc's largest trim threshold short of "never" is 2 GiB; a model whose step frees more than that at the
-    # top of the heap would have it handed back to the kernel and faulted in again on the next step.
-    code = f"""if 1:
-        import ctypes, resource
-        import runtime
-        assert runtime.keep_freed_host_memory()
-        libc = ctypes.CDLL("libc.so.6")
-        if {trim_above_2_gib}:  # the problem, so that the assertion below means something
-            libc.mallopt(-1, 2**31 - 1)
-        libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-        libc.free.argtypes = [ctypes.c_void_p]
-        def touch(n=5 << 29):  # 2.5 GiB: every page written, then freed
-            p = libc.malloc(n)
-            ctypes.memset(p, 1, n)
-            libc.free(p)
-        touch()
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        touch()
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    """
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__)))
-    pages = (5 << 29) // os.sysconf("SC_PAGE_SIZE")
-    if trim_above_2_gib:
-        assert int(res.stdout) > pages // 2, res.stdout
-    else:
-        assert int(res.stdout) < 1000, res.stdout

@@ -13,6 +13,7 @@ import importlib.util
 import json
 import math
 import os
+import re
 import secrets
 import signal
 import sys
@@ -135,7 +136,32 @@ def load_config(path=None, overrides=()) -> Run:
         if key in CHOICES and value not in CHOICES[key]:
             raise ConfigError(f"{key}={value!r}: must be one of {', '.join(CHOICES[key])}")
     # What the user set: flags, and the keys of a config file they named (the default file is defaults too).
-    return fit_defaults(run, set(overrides) | (set(values) if path != DEFAULT_CONFIG else set()))
+    explicit = set(overrides) | (set(values) if path != DEFAULT_CONFIG else set())
+    return fit_defaults(sizes_from_weights(run, explicit), explicit)
+
+
+# The model's sizes: Run keys and the gptj.Config fields they set.
+SIZES = {"layers": "n_layer", "d_model": "d_model", "n_heads": "n_head", "n_vocab": "n_vocab",
+         "pe_rotary_dims": "rotary_dim", "d_ff": "d_ff", "n_ctx": "n_ctx"}
+
+
+def sizes_from_weights(run: Run, explicit: set) -> Run:
+    """Fine-tuning (init_from) takes the model's sizes from its weights, n_ctx included: training at a seq below
+    the base's context must not shrink the model's. A size the user set that contradicts the weights is an error."""
+    if not run.init_from or not os.path.isdir(run.init_from):
+        return run  # a missing base is restore's error to report; --plan plans the sizes the config gives
+    try:
+        base = ckpt.read_config(run.init_from)
+    except ValueError as e:
+        raise ConfigError(f"init_from: {e}") from None
+    sizes = {key: getattr(base, field) for key, field in SIZES.items()}
+    # d_ff and n_ctx 0 mean "derive it", which never contradicts.
+    clash = [f"{k} {getattr(run, k)} (the weights': {v})" for k, v in sizes.items()
+             if k in explicit and getattr(run, k) not in (v, 0 if k in ("d_ff", "n_ctx") else v)]
+    if clash:
+        raise ConfigError(f"init_from {run.init_from} does not match {', '.join(clash)}: a fine-tuned model's sizes "
+                          f"are its base's; drop those settings, or set them to the weights'")
+    return dataclasses.replace(run, **sizes)
 
 
 def fit_defaults(run: Run, explicit: set) -> Run:
@@ -271,6 +297,12 @@ def matmul_peak(device, dtype, readings=4) -> float:
     return 4 * 2 * n**3 / best
 
 
+@functools.cache
+def device_peak(device, dtype) -> float:
+    """matmul_peak, read once per process and device: the runs of one process (tests start dozens) share it."""
+    return matmul_peak(device, dtype)
+
+
 # ---------------------------------------------------------------- the run
 class Trainer:
     """What a run keeps fixed: mesh, compiled programs, shardings, and which rows of a batch this process builds.
@@ -384,24 +416,46 @@ class Trainer:
         return out
 
 
-def plan(run: Run, devices=None, topology: str | None = None) -> dict:
-    """Compile the real step for the config's mesh on abstract shapes; per-device memory without allocating."""
+# Each core's HBM, for the plan's verdict; the TPU compiler itself refuses a step that does not fit its core.
+HBM_BYTES = {"TPU v2": 8 * 2**30, "TPU v3": 16 * 2**30, "TPU v4": 32 * 2**30, "TPU v5 lite": 16 * 2**30,
+             "TPU v5": 95 * 2**30, "TPU v6 lite": 32 * 2**30}
+
+
+def _bytes(text: str) -> int:
+    """'15.48G' (an XLA memory figure) -> bytes."""
+    return round(float(text[:-1]) * 1024 ** " KMGT".index(text[-1]))
+
+
+def plan(run: Run, devices=None, topology: str | None = None, device_bytes: int | None = None) -> dict:
+    """Compile the real step for the config's mesh on abstract shapes; per-device memory without allocating, and
+    whether it fits `device_bytes` a device (default: the HBM of the TPU planned for, or of tpu_size's v3 cores).
+    A step that the TPU compiler finds too big is an answer too: "fits" false, with the bytes it needed."""
     t = Trainer(run, devices)
-    compiled = t.lower().compile()
-    mem = compiled.memory_analysis()
 
     def per_device(tree):
         return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
     params, opt, frozen = (per_device(t.shapes["params"]), per_device(t.shapes["opt_state"]),
                            per_device(t.frozen_shapes))
-    temp = int(mem.temp_size_in_bytes)
-    return {"devices": t.mesh.size, "platform": t.device.platform, "device_kind": t.device.device_kind,
-            "topology": topology, "dtype": t.cfg.dtype, "remat": t.cfg.remat,
-            "mesh": {"dp": t.dp, "mp": t.mesh.shape[shard.MP]}, "params_bytes": params,
-            "opt_state_bytes": opt, "frozen_bytes": frozen, "temp_bytes": temp,
-            "total_bytes": params + opt + frozen + temp,
-            "flops_per_step": t.flops_per_token() * t.tokens_per_step()}
+    kind = t.device.device_kind
+    if device_bytes is None:
+        device_bytes = HBM_BYTES.get(kind if t.device.platform == "tpu" else "TPU v3" if run.tpu_size > 1 else "")
+    out = {"devices": t.mesh.size, "platform": t.device.platform, "device_kind": kind, "topology": topology,
+           "dtype": t.cfg.dtype, "remat": t.cfg.remat, "mesh": {"dp": t.dp, "mp": t.mesh.shape[shard.MP]},
+           "n_params": t.cfg.n_params(), "params_bytes": params, "opt_state_bytes": opt, "frozen_bytes": frozen,
+           "flops_per_step": t.flops_per_token() * t.tokens_per_step()}
+    try:
+        temp = int(t.lower().compile().memory_analysis().temp_size_in_bytes)
+    except jax.errors.JaxRuntimeError as e:
+        message = str(e).splitlines()[0]
+        figures = re.findall(r"\(([\d.]+[KMGT])\)", message)  # "...temporaries (19.91G) exceeds available HBM (15.48G)"
+        if "RESOURCE_EXHAUSTED" not in message or len(figures) < 2:
+            raise
+        return out | {"fits": False, "needed_bytes": _bytes(figures[0]), "available_bytes": _bytes(figures[-1]),
+                      "compiler": message}
+    total = params + opt + frozen + temp
+    return out | {"fits": None if device_bytes is None else total <= device_bytes, "temp_bytes": temp,
+                  "total_bytes": total, "available_bytes": device_bytes}
 
 
 def v3_topology(tpu_size: int) -> str:
@@ -443,8 +497,12 @@ def plan_devices(run: Run, topology=None) -> tuple[list, str | None]:
         if len(devices) < n:
             raise ConfigError(f"--topology {topology} has {len(devices)} devices, the config needs {n}")
         return list(devices)[:n or None], topology
-    jax.config.update("jax_num_cpu_devices", n)
-    return (jax.devices() if len(jax.devices()) >= n else jax.devices("cpu")[:n]), None
+    with contextlib.suppress(RuntimeError):  # raised once JAX's backends have started: then they have what they have
+        jax.config.update("jax_num_cpu_devices", n)
+    devices = jax.devices() if len(jax.devices()) >= n else jax.devices("cpu")
+    if len(devices) < n:
+        raise ConfigError(f"--plan needs {n} devices, and JAX started with {len(devices)}: plan in a fresh process")
+    return devices[:n], None
 
 
 def time_steps(step, state, batch, steps: int, warmup: int = 10):
@@ -480,7 +538,8 @@ def benchmark(run: Run, steps: int = 5) -> dict:
     t = Trainer(run, hosts=runtime.hosts())
     peak = matmul_peak(t.device, t.cfg.dtype)
     rng = np.random.default_rng(0)  # the same tokens on every process; each puts its own rows
-    batch = t.global_batch(rng.integers(0, 50257, t.batch_shape, dtype=np.int32)[:, t.rows])
+    ids = min(t.cfg.n_vocab, data.EOT + 1)  # GPT-2's ids, or all of a smaller vocabulary's
+    batch = t.global_batch(rng.integers(0, ids, t.batch_shape, dtype=np.int32)[:, t.rows])
     frozen = jax.jit(t.random_frozen, out_shardings=t.frozen_shardings)(jax.random.PRNGKey(1)) if t.lora else {}
     halt = t.halt(0)
     compile_s, step_s = time_steps(lambda s, b: t.step(s, b, frozen, halt), t.fresh_state(), batch, steps)
@@ -505,8 +564,8 @@ def check_same_lora(saved, now, where: str):
                           f"changed has another fingerprint), or use another model_dir")
 
 
-def check_compatible(cfg: gptj.Config, other: gptj.Config, where: str):
-    diff = [f"{f} {getattr(other, f)} vs {getattr(cfg, f)}" for f in SHAPE_FIELDS if getattr(other, f) != getattr(cfg, f)]
+def check_compatible(cfg: gptj.Config, other: gptj.Config, where: str, fields=SHAPE_FIELDS):
+    diff = [f"{f} {getattr(other, f)} vs {getattr(cfg, f)}" for f in fields if getattr(other, f) != getattr(cfg, f)]
     if diff:
         raise ConfigError(f"{where} holds a different model ({', '.join(diff)}): "
                           f"use another model_dir/init_from, or the config that matches it")
@@ -607,7 +666,7 @@ def restore(t: Trainer, run: Run) -> Start:
         if not run.init_from:
             raise ConfigError("lora_rank > 0 needs init_from: the base weights that the adapters adapt")
         frozen, base_cfg = ckpt.load_weights(run.init_from, mesh=t.mesh, dtype=cfg.dtype)
-        check_compatible(cfg, base_cfg, f"init_from {run.init_from}")
+        check_compatible(cfg, base_cfg, f"init_from {run.init_from}", SHAPE_FIELDS + ("n_ctx",))
         adapted = {"rank": run.lora_rank, "alpha": run.lora_alpha, "targets": list(t.targets),
                    "base": os.path.abspath(run.init_from), "base_fingerprint": ckpt.fingerprint(run.init_from)}
     latest = ckpt.latest(run.model_dir)
@@ -625,7 +684,7 @@ def restore(t: Trainer, run: Run) -> Start:
         note(f"adapters from {run.lora_from}")
     elif run.init_from and not t.lora:
         params, init_cfg = ckpt.load_weights(run.init_from, mesh=t.mesh, dtype="float32")
-        check_compatible(cfg, init_cfg, f"init_from {run.init_from}")
+        check_compatible(cfg, init_cfg, f"init_from {run.init_from}", SHAPE_FIELDS + ("n_ctx",))
     if run.init_from:
         note(f"initialised from {run.init_from}")
     return Start(None, params, frozen, adapted, 0, 0)
@@ -647,7 +706,8 @@ class Progress:
 
     def __init__(self, run: Run, t: Trainer, step: int, train_tokens: int):
         self.run, self.t, self.log = run, t, MetricsLog(run)
-        self.peak = matmul_peak(t.device, t.cfg.dtype) * t.mesh.size
+        self.peak = device_peak(t.device, t.cfg.dtype) * t.mesh.size
+        self.peak_read = time.perf_counter()
         self.fpt = t.flops_per_token()
         self.tick, self.tick_step = time.perf_counter(), step
         note(f"{run.name}: {t.cfg.n_params() / 1e6:.1f}M params, mesh dp={t.dp} mp={t.mesh.shape[shard.MP]}, "
@@ -660,10 +720,11 @@ class Progress:
                                      f"the last good checkpoint is {ckpt.latest(self.run.model_dir)}")
         now = time.perf_counter()
         tps = (step - self.tick_step) * self.t.tokens_per_step() / (now - self.tick)
-        if self.t.device.platform == "cpu":
-            # Read again at every record and the highest kept: on a shared CPU one reading can be a third low,
-            # which would inflate mfu. A few matmuls, outside the timed steps.
+        if self.t.device.platform == "cpu" and now - self.peak_read > 60:
+            # Read again each minute and the highest kept: on a shared CPU one reading can be a third low, which
+            # would inflate mfu. A few matmuls, outside the timed steps.
             self.peak = max(self.peak, matmul_peak(self.t.device, self.t.cfg.dtype, readings=1) * self.t.mesh.size)
+            self.peak_read = time.perf_counter()
         record = {"step": step, **m, "tokens_per_s": tps, "mfu": tps * self.fpt / self.peak, **validate()}
         eta = (self.run.total_steps - step) * (now - self.tick) / (step - self.tick_step)
         if runtime.is_main():
@@ -754,6 +815,9 @@ def main(argv=None) -> int:
     ap.add_argument("--plan", action="store_true", help="print per-device memory of the training step and exit")
     ap.add_argument("--topology", help="with --plan: compile for this TPU topology (e.g. v5e:1x1, v3:2x2, v4:2x2x1) "
                                        "by the TPU compiler; needs libtpu (pip install 'jax[tpu]'), no TPU")
+    ap.add_argument("--device_memory", type=float, metavar="GIB",
+                    help="with --plan: each device's memory in GiB, for the verdict \"fits\" (default: the HBM of "
+                         "the TPU planned for, or of tpu_size's v3 cores)")
     ap.add_argument("--benchmark", action="store_true", help="time training steps on random tokens and exit")
     ap.add_argument("--benchmark_steps", type=int, default=5)
     multi = ap.add_argument_group("many hosts", "one process per host (or per GPU) of one run; JAX detects Cloud "
@@ -770,16 +834,25 @@ def main(argv=None) -> int:
         if not args.plan:  # --plan compiles for devices it does not own: it runs alone
             runtime.start(args.coordinator_address, args.num_processes, args.process_id,
                           args.heartbeat_timeout_seconds)
-        with runtime.agreed():  # a config file missing on one host ends every process
+        # A config file missing on one host ends every process; --plan runs alone, and sets its device count
+        # before JAX's backends start.
+        with contextlib.nullcontext() if args.plan else runtime.agreed():
             overrides = {k: _parse_flag(k, v) for k, v in vars(args).items() if k in KEYS and v is not None}
             run = load_config(args.config, overrides)
         if args.plan:
             devices, topology = plan_devices(run, args.topology)
-            print(json.dumps(plan(run, devices, topology)))
+            out = plan(run, devices, topology, args.device_memory and round(args.device_memory * 2**30))
+            print(json.dumps(out))
             if devices[0].platform == "cpu" and run.model("cpu").dtype != "float32":
                 print("note: XLA:CPU computes bf16 and fp16 matmuls in fp32 (and may hold fp32 copies of whole bf16 "
                       "weight stacks): temp_bytes can differ from an accelerator's; --topology plans with the TPU "
                       "compiler", file=sys.stderr)
+            if out["fits"] is False:
+                need = (f"the compiler's {out['needed_bytes'] / 2**30:.2f} GiB of temporaries" if "needed_bytes" in out
+                        else f"{out['total_bytes'] / 2**30:.2f} GiB")
+                print(f"error: the step does not fit: {need} a device, {out['available_bytes'] / 2**30:.2f} GiB "
+                      f"available; lower per_replica_batch, raise cores_per_replica, or set remat true", file=sys.stderr)
+                return 1
         elif args.benchmark:
             record = benchmark(run, args.benchmark_steps)
             if runtime.is_main():

@@ -11,29 +11,33 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-python3}
-if [[ "${1:-}" == "--tiny" ]]; then
-  train=(--layers 2 --d_model 64 --n_heads 4 --pe_rotary_dims 8 --seq 32 --per_replica_batch 2 --n_vocab 512
-         --benchmark_steps 1)
-  lora=(--layers 2 --d_model 64 --n_heads 4 --pe_rotary_dims 8 --seq 32 --per_replica_batch 2 --n_vocab 512
-        --lora_rank 4 --benchmark_steps 1)
-  decode=(--preset tiny --max_new_tokens 8)
+# The device runs. --tiny appends tiny sizes to these same flags (of a flag given twice, the last counts), so that it
+# runs every other setting they use: bf16 compute (XLA:CPU computes bf16 too), remat, the LoRA config (bf16, remat).
+# Its sizes are the test suite's tiny model's (a vocabulary of 50304, not fewer: --benchmark draws GPT-2 token ids),
+# and the LoRA run names no base: the config's gpt-j-6b, in a checkout that has it, would clash with those sizes.
+train=(--layers 16 --d_model 2048 --n_heads 16 --pe_rotary_dims 64 --seq 2048 --n_vocab 50432
+       --per_replica_batch 8 --remat true --dtype bfloat16 --benchmark_steps 5)
+lora=(--config configs/6B_lora_1gpu.json --gradient_accumulation_steps 1 --benchmark_steps 5)
+decode=(--preset gptj-6b --dtype bfloat16 --max_new_tokens 128)
+if [[ "${1:-}" == "--tiny" && $# -eq 1 ]]; then
+  tiny=(--layers 2 --d_model 32 --n_heads 4 --pe_rotary_dims 4 --seq 16 --per_replica_batch 2 --n_vocab 50304
+        --benchmark_steps 1)
+  train+=("${tiny[@]}")
+  lora+=("${tiny[@]}" --init_from "")
+  decode+=(--preset tiny --max_new_tokens 8)
 elif [[ $# -gt 0 ]]; then
   echo "usage: bash bench/accelerator.sh [--tiny]" >&2
   exit 2
-else
-  train=(--layers 16 --d_model 2048 --n_heads 16 --pe_rotary_dims 64 --seq 2048 --n_vocab 50432
-         --per_replica_batch 8 --remat true --dtype bfloat16 --benchmark_steps 5)
-  lora=(--config configs/6B_lora_1gpu.json --gradient_accumulation_steps 1 --benchmark_steps 5)
-  decode=(--preset gptj-6b --dtype bfloat16 --max_new_tokens 128)
 fi
 
-# figure NAME COMMAND...: run it, and print its last line (a JSON object) with the figure's name, date and command.
+# figure NAME COMMAND...: run it, and print its last line (a JSON object) with the figure's name, date and command
+# (quoted as a shell would need it, so that it can be pasted and run again).
 figure() {
   local name=$1
   shift
-  "$@" | "$py" -c 'import json, sys, time
+  "$@" | "$py" -c 'import json, shlex, sys, time
 record = json.loads(sys.stdin.read().strip().splitlines()[-1])
-print(json.dumps({"figure": sys.argv[1], "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv[2:]),
+print(json.dumps({"figure": sys.argv[1], "date": time.strftime("%Y-%m-%d"), "command": shlex.join(sys.argv[2:]),
                   **record}), flush=True)' "$name" "$@"
 }
 
