@@ -362,7 +362,8 @@ def load(path, like=None, mesh=None, specs=None, dtype=None):
         if not sources:
             raise ValueError(f"{path}: the checkpoint holds no params")
         names, dtypes, treedef = list(sources), [dtype] * len(sources), None
-        specs = shard.param_specs(_shape_tree(sources)) if specs is None and mesh is not None else specs
+        if specs is None and mesh is not None:  # a LoRA run's checkpoint holds adapters: lora knows their axes
+            specs = shard.param_specs(_shape_tree(sources), lora.leaf_axes)
     else:
         flat, treedef = jax.tree_util.tree_flatten_with_path(like)
         names, dtypes = [_path_str(p) for p, _ in flat], [x.dtype for _, x in flat]

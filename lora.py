@@ -74,10 +74,12 @@ def combine(base: dict, adapters: dict) -> dict:
 
 def linear_fn(scale: float):
     """gptj's linear hook for adapted params: x W, plus scale * (x A) B where the params hold an adapter. With the
-    weights split over mp the branch splits as W does, and joins W's partial sums before the layer's psum."""
+    weights split over mp the branch splits as W does, and joins W's partial sums before the layer's psum. The hook
+    carries the adapters' axes (its leaf_axes), which shard's wrappers read to split params it is given with."""
     def linear(x, p):
         y = gptj.dense(x, p)
         if "lora_a" in p:
             y = y + ((x @ p["lora_a"].astype(x.dtype)) @ p["lora_b"].astype(x.dtype)) * jnp.asarray(scale, x.dtype)
         return y
+    linear.leaf_axes = leaf_axes
     return linear

@@ -14,7 +14,6 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 import gptj
-import lora
 
 DP, MP = "dp", "mp"
 
@@ -77,21 +76,27 @@ def check(cfg: gptj.Config, mesh: Mesh, batch: int | None = None):
         raise ValueError(f"batch size {batch} is not divisible by dp={dp}: use a multiple of {dp}")
 
 
-# Logical axes split over 'mp' (gptj.PARAMS's, and lora.py's "lora_rank" is not); every other axis is whole on
-# each device.
+# Logical axes split over 'mp' (of gptj.PARAMS's, and of any other a leaf_axes function names, such as LoRA's
+# "lora_rank", none is); every other axis is whole on each device.
 MP_AXES = ("vocab", "heads", "mlp")
 
 
-def param_specs(params=None) -> dict:
-    """PartitionSpecs for a params pytree (default: gptj's whole tree), each from its leaf's logical axes
-    (gptj.PARAMS; lora.leaf_axes for adapters beside a weight). Stacked layers keep their leading layer axis
-    whole; per-layer params (decode.unstack: lists of layers) have no layer axis."""
+def model_axes(name: str) -> tuple:
+    """A model leaf's logical axes, as gptj.PARAMS declares them."""
+    return gptj.PARAMS[name][0]
+
+
+def param_specs(params=None, leaf_axes=model_axes) -> dict:
+    """PartitionSpecs for a params pytree (default: gptj's whole tree), each from its leaf's logical axes:
+    leaf_axes("h.q_proj.weight") -> ("layers", "embed", "heads"). A tree with leaves of its own (lora.py's adapters)
+    passes a leaf_axes that knows them. Stacked layers keep their leading layer axis whole; per-layer params
+    (decode.unstack: lists of layers) have no layer axis."""
     if params is None:
         params = gptj.nest(dict.fromkeys(gptj.PARAMS, 0))
 
     def spec(path, _):
         per_layer = any(isinstance(k, jax.tree_util.SequenceKey) for k in path)
-        axes = lora.leaf_axes(".".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)))
+        axes = leaf_axes(".".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)))
         return P(*(MP if a in MP_AXES else None for a in (axes[1:] if per_layer else axes)))
     return jax.tree_util.tree_map_with_path(spec, params)
 
@@ -135,6 +140,12 @@ def place_params(params, mesh: Mesh):
     return place(params, mesh, param_specs(params))
 
 
+def _axes_of(linear):
+    """The logical axes of the params that a linear hook computes with: a hook whose params hold leaves of their
+    own (lora.linear_fn's adapters) names their axes as its leaf_axes attribute."""
+    return getattr(linear, "leaf_axes", model_axes)
+
+
 def forward(params, tokens, cfg: gptj.Config, mesh: Mesh, cache=None, linear=gptj.dense):
     """gptj.forward on the mesh: logits [batch, seq, n_vocab] split over (dp, -, mp); cache split likewise."""
     check(cfg, mesh, tokens.shape[0])
@@ -145,7 +156,7 @@ def forward(params, tokens, cfg: gptj.Config, mesh: Mesh, cache=None, linear=gpt
     cache_spec = None if cache is None else cache_specs(cache)
     return jax.shard_map(
         local, mesh=mesh,
-        in_specs=(param_specs(params), P(DP, None), cache_spec),
+        in_specs=(param_specs(params, _axes_of(linear)), P(DP, None), cache_spec),
         out_specs=(P(DP, None, MP), cache_spec),
     )(params, tokens, cache)
 
@@ -163,5 +174,5 @@ def loss_fn(params, tokens, cfg: gptj.Config, mesh: Mesh, mask=None, z_loss=0.0,
         return total / jnp.maximum(count, 1.0)
 
     return jax.shard_map(
-        local, mesh=mesh, in_specs=(param_specs(params), P(DP, None), P(DP, None)), out_specs=P(),
+        local, mesh=mesh, in_specs=(param_specs(params, _axes_of(linear)), P(DP, None), P(DP, None)), out_specs=P(),
     )(params, tokens, mask)

@@ -84,7 +84,7 @@ def test_load_probe_reports_the_server_under_load_against_a_request_alone():
         low, high = quotient_bounds(got[num], got[den], 5e-5)
         assert low - 0.005 <= got[ratio] <= high + 0.005, (ratio, got)
     # ... and goals_met is what the printed ratios say against the documented goals (load.py's docstring, the
-    # README's serving table): first token p90 at most 10x a request alone's, latency p50 at most 3x, throughput
+    # serving table, docs/serving.md): first token p90 at most 10x a request alone's, latency p50 at most 3x, throughput
     # at least 2x one stream's.
     assert got["goals_met"] == (got["ttft_p90_vs_alone"] <= 10 and got["latency_p50_vs_alone"] <= 3
                                 and got["throughput_vs_one_stream"] >= 2), got

@@ -1,6 +1,7 @@
 """Property tests: gptj.py against an independent float64 numpy GPT-J, and sharded runs against unsharded."""
 import dataclasses
 import math
+import os
 import subprocess
 import sys
 from functools import partial
@@ -376,10 +377,14 @@ def test_kv_cache_decoding_equals_full_forward(dp, mp, per_layer, dtype, data):
     assert np.isnan(np.asarray(out[0])).all() and np.isfinite(np.asarray(out[1:])).all()
 
 
-def test_gptj_py_runs_alone(tmp_path):
-    (tmp_path / "gptj.py").write_text(open(gptj.__file__).read())
-    code = ("import jax, gptj; c = gptj.PRESETS['tiny']; p = gptj.init_params(c, jax.random.PRNGKey(0));"
-            "t = jax.numpy.zeros((1, 9), 'int32'); print(float(gptj.loss_fn(p, t, c)))")
+def test_gptj_py_and_shard_py_run_alone(tmp_path):
+    """The two files users copy into their projects need nothing else of this one."""
+    for module in (gptj, shard):
+        (tmp_path / os.path.basename(module.__file__)).write_text(open(module.__file__).read())
+    code = ("import jax, gptj, shard; c = gptj.PRESETS['tiny']; p = gptj.init_params(c, jax.random.PRNGKey(0));"
+            "t = jax.numpy.zeros((1, 9), 'int32'); m = shard.make_mesh(1, 1);"
+            "assert abs(shard.loss_fn(shard.place_params(p, m), t, c, m) - gptj.loss_fn(p, t, c)) < 1e-5;"
+            "print(float(gptj.loss_fn(p, t, c)))")
     out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                          env={"PATH": "/usr/bin:/bin", "JAX_PLATFORMS": "cpu"})
     assert out.returncode == 0, out.stderr

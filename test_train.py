@@ -471,7 +471,7 @@ def test_one_device_step_has_no_collectives_and_no_transposed_logit_gradient():
 def test_original_config_loads_as_it_is(capsys):
     run = train.load_config("configs/6B_roto_256.json")
     assert dataclasses.replace(run.model(), remat=False) == gptj.GPTJ_6B and run.cores_per_replica == 8
-    assert run.remat  # ours: to fit a v3 core's 16 GiB (the README's plan table)
+    assert run.remat  # ours: to fit a v3 core's 16 GiB (the plan table, docs/training.md)
     assert "ignoring bucket" in capsys.readouterr().err
     assert train.load_config("configs/6B_v3-8.json", {"lr": 1e-5}).lr == 1e-5
     # The original's example_config.json turns validation off so:

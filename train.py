@@ -44,7 +44,7 @@ KEYS = dict(
     val_every=100, val_batches=10, ckpt_every=100, keep_every=0, tpu_size=0,
     model_dir="runs/shakespeare", train_set="shakespeare:train", val_set="shakespeare:val", name="shakespeare",
     wandb_project="",
-    # New keys (see the README):
+    # New keys (see docs/training.md):
     n_ctx=0, d_ff=0, dtype="auto", remat=False, z_loss=1e-4, seed=0, log_every=10, keep_last=3,
     init_from="", sample_tokens=100, grad_acc_dtype="float32",
     lora_rank=0, lora_alpha=16.0, lora_targets="q_proj,v_proj", lora_from="",
@@ -122,7 +122,7 @@ def load_config(path=None, overrides=()) -> Run:
     raw = ckpt.read_json(path)
     unknown = sorted(set(raw) - set(KEYS) - IGNORED)
     if unknown:
-        raise ConfigError(f"config {path}: unknown key(s) {', '.join(unknown)}; see the README for the keys")
+        raise ConfigError(f"config {path}: unknown key(s) {', '.join(unknown)}; see docs/training.md for the keys")
     ignored = sorted(set(raw) & IGNORED)
     if ignored:
         print(f"config {path}: ignoring {', '.join(ignored)} (Google Cloud specifics)", file=sys.stderr)
@@ -213,7 +213,7 @@ def optimizer(run: Run):
 
 def state_specs(state_shapes, mesh):
     """Params split as shard.param_specs; optimizer state also split over dp (ZeRO-1)."""
-    pspecs = shard.param_specs(state_shapes["params"])
+    pspecs = shard.param_specs(state_shapes["params"], lora.leaf_axes)
     dp = mesh.shape[shard.DP]
     # Adam's mu and nu mirror the params: each leaf takes the spec of the param whose key path ends its own.
     by_path = {jax.tree_util.keystr(p): s for p, s in

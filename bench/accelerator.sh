@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The figures that only an accelerator can give, one JSON line each, for the README's speed table:
+# The figures that only an accelerator can give, one JSON line each, for the speed table (docs/performance.md):
 #   train         train.py --benchmark on a ~1B-parameter GPT-J (bf16 compute, remat): tokens/s and MFU
 #   train_lora    the same for LoRA fine-tuning of GPT-J-6B (configs/6B_lora_1gpu.json, one micro-batch)
 #   decode_b1/b8  sample.py --benchmark, GPT-J-6B shapes in bf16 at batch 1 and 8: decode tokens/s beside the bound

@@ -7,7 +7,7 @@ from the repository's root:
         --per_replica_batch 8
 Prints the JSON line of `train.py --benchmark`, from the same timing code. The step is close to train.py's: clip
 by global norm, AdamW, fp32, one device, no z-loss. Flax runs as its users would run it: without train.py's CPU
-allocator and compiler settings (see the README).
+allocator and compiler settings (see docs/training.md).
 """
 import argparse
 import json
