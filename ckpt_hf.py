@@ -8,7 +8,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 
-import ckpt
+import ckpt_io
 import gptj
 
 HF_NAMES = {  # our leaf -> HF tensor name; {i} is the layer of a stacked leaf
@@ -34,14 +34,14 @@ def _hf_names(leaf, cfg):
 
 def _hf_config(path) -> gptj.Config:
     f = os.path.join(path, "config.json")
-    c = ckpt.read_json(f)
+    c = ckpt_io.read_json(f)
     try:
         if c.get("model_type") != "gptj":
             raise ValueError(f"{path} is a {c.get('model_type')} model, not GPT-J")
         if c.get("activation_function", "gelu_new") != "gelu_new":
             raise ValueError(f"{f}: activation {c['activation_function']} is not GPT-J's gelu_new")
         rotary = c.get("rotary_dim")  # null: rotary over whole heads
-        cfg = ckpt._config(f, n_vocab=c["vocab_size"], n_ctx=c["n_positions"], d_model=c["n_embd"], n_layer=c["n_layer"],
+        cfg = ckpt_io.make_config(f, n_vocab=c["vocab_size"], n_ctx=c["n_positions"], d_model=c["n_embd"], n_layer=c["n_layer"],
                       n_head=c["n_head"], rotary_dim=0 if rotary is None else rotary, d_ff=c.get("n_inner") or 0,
                       layer_norm_eps=c.get("layer_norm_epsilon", 1e-5))
     except KeyError as e:
@@ -50,7 +50,7 @@ def _hf_config(path) -> gptj.Config:
 
 
 def safetensors_tensors(f) -> dict:
-    safe_open = ckpt._require("safetensors").safe_open
+    safe_open = ckpt_io.require("safetensors").safe_open
     try:
         handle = safe_open(f, framework="numpy")
     except Exception as e:  # the Rust error type is not importable in a stable place
@@ -63,7 +63,7 @@ def safetensors_tensors(f) -> dict:
 
 
 def _torch_tensors(f) -> dict:
-    torch = ckpt._require("torch")
+    torch = ckpt_io.require("torch")
     try:
         state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
@@ -84,7 +84,7 @@ def sources(path):
     index = [f for f in ("model.safetensors.index.json", "pytorch_model.bin.index.json")
              if os.path.isfile(os.path.join(path, f))]
     if index:
-        weight_map = ckpt.read_json(os.path.join(path, index[0])).get("weight_map")
+        weight_map = ckpt_io.read_json(os.path.join(path, index[0])).get("weight_map")
         if not isinstance(weight_map, dict):
             raise ValueError(f"{os.path.join(path, index[0])}: no weight_map")
         files = sorted(set(weight_map.values()))
@@ -109,15 +109,15 @@ def sources(path):
 
         def read_layer(i, idx, names=names, transposed=transposed):  # i is None for unstacked leaves
             get = tensors[names[0 if i is None else i]][2]
-            return ckpt._transpose(get(idx[::-1])) if transposed else get(idx)
-        read = ckpt._stacked(cfg.n_layer, read_layer) if leaf.startswith("h.") else \
+            return ckpt_io.transpose(get(idx[::-1])) if transposed else get(idx)
+        read = ckpt_io.stacked(cfg.n_layer, read_layer) if leaf.startswith("h.") else \
             (lambda idx, dt, r=read_layer: np.asarray(r(None, idx), dt))
         sources[leaf] = (shape, jnp.dtype(tensors[names[0]][1]), read)
     return cfg, sources
 
 
 def _hf_json(cfg: gptj.Config, dtype: str) -> dict:
-    eot = ckpt.EOT if cfg.n_vocab > ckpt.EOT else None  # GPT-2's <|endoftext|>, when the vocabulary has it
+    eot = ckpt_io.EOT if cfg.n_vocab > ckpt_io.EOT else None  # GPT-2's <|endoftext|>, when the vocabulary has it
     return {"architectures": ["GPTJForCausalLM"], "model_type": "gptj", "vocab_size": cfg.n_vocab,
             "n_positions": cfg.n_ctx, "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
             "rotary_dim": cfg.rotary_dim, "n_inner": cfg.d_ff, "activation_function": "gelu_new",
@@ -132,8 +132,8 @@ def save_items(dst, items, cfg: gptj.Config, dtype=None, max_shard_bytes=2 * 102
         raise ValueError("HuggingFace's GPT-J has no rotary_dim 0 (it reads 0 as no setting and fails): this "
                          "model cannot be exported to it; keep it native")
     shapes = gptj.param_shapes(cfg)
-    with ckpt._atomic_dir(dst, force) as tmp:
-        save_file = ckpt._require("safetensors.numpy").save_file
+    with ckpt_io.atomic_dir(dst, force) as tmp:
+        save_file = ckpt_io.require("safetensors.numpy").save_file
         files, pending, written, dtypes = [], {}, set(), set()
 
         def flush():
@@ -149,7 +149,7 @@ def save_items(dst, items, cfg: gptj.Config, dtype=None, max_shard_bytes=2 * 102
             names, transposed = _hf_names(leaf, cfg)
             for i, name in enumerate(names):
                 t = x[i] if leaf.startswith("h.") else x
-                t = ckpt._transpose(t) if transposed else np.ascontiguousarray(t)
+                t = ckpt_io.transpose(t) if transposed else np.ascontiguousarray(t)
                 if pending and sum(v.nbytes for v in pending.values()) + t.nbytes > max_shard_bytes:
                     flush()
                 pending[name] = t
@@ -179,7 +179,7 @@ def save_items(dst, items, cfg: gptj.Config, dtype=None, max_shard_bytes=2 * 102
 
 def save(params, cfg: gptj.Config, dst, dtype=None, max_shard_bytes=2 * 1024**3, *, force=False):
     """Export params as a HuggingFace GPT-J folder (config.json + safetensors) for GPTJForCausalLM.from_pretrained."""
-    items = ((name, np.asarray(x)) for name, x in ckpt._flat(params).items())
+    items = ((name, np.asarray(x)) for name, x in ckpt_io.flat(params).items())
     save_items(dst, items, cfg, dtype, max_shard_bytes, force)
 
 

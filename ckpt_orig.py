@@ -9,7 +9,7 @@ import zipfile
 import jax.numpy as jnp
 import numpy as np
 
-import ckpt
+import ckpt_io
 import gptj
 
 ORIG = "causal_transformer_shard/~/"
@@ -31,11 +31,11 @@ ORIG_TOP = {
 
 def _orig_config(config):
     """gptj.Config and cores_per_replica from the original project's JSON config (a path or a dict)."""
-    c = config if isinstance(config, dict) else ckpt.read_json(config)
+    c = config if isinstance(config, dict) else ckpt_io.read_json(config)
     try:
         if c.get("pe", "rotary") != "rotary" or c.get("norm", "layernorm") != "layernorm":
             raise ValueError(f"{config}: pe={c.get('pe')}, norm={c.get('norm')} is not GPT-J (rotary, layernorm)")
-        cfg = ckpt._config("config" if isinstance(config, dict) else config, n_vocab=c["n_vocab"], n_ctx=c["seq"],
+        cfg = ckpt_io.make_config("config" if isinstance(config, dict) else config, n_vocab=c["n_vocab"], n_ctx=c["seq"],
                       d_model=c["d_model"], n_layer=c["layers"], n_head=c["n_heads"], rotary_dim=c["pe_rotary_dims"])
         return cfg, int(c["cores_per_replica"])
     except KeyError as e:
@@ -67,7 +67,7 @@ def _npz_arrays(f) -> list:
             dtype = jnp.dtype(jnp.bfloat16) if dtype == np.dtype("V2") else dtype  # numpy stored bf16 as raw V2
             if fortran or dtype.hasobject or fh.tell() + math.prod(shape) * dtype.itemsize > size:
                 raise ValueError(f"{f}: {m.filename} is truncated or not a plain array")
-            arrays.append(ckpt._memmap(f, shape, dtype, fh.tell()))
+            arrays.append(ckpt_io.memmap(f, shape, dtype, fh.tell()))
     return arrays
 
 
@@ -136,7 +136,7 @@ def sources(path, config):
     for leaf, shape in gptj.param_shapes(cfg).items():
         if leaf in ORIG_LAYER:
             name, how = ORIG_LAYER[leaf]
-            read = ckpt._stacked(cfg.n_layer, lambda i, idx, n=name, h=how: combine(f"layer_{i}/~/{n}", h, idx))
+            read = ckpt_io.stacked(cfg.n_layer, lambda i, idx, n=name, h=how: combine(f"layer_{i}/~/{n}", h, idx))
             dtype = shards[0][f"{ORIG}layer_0/~/{name}"].dtype
         else:
             name, how = ORIG_TOP[leaf]

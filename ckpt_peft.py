@@ -10,8 +10,9 @@ import os
 
 import numpy as np
 
-import ckpt
 import ckpt_hf
+import ckpt_io
+import ckpt_native
 import gptj
 import lora
 
@@ -32,21 +33,21 @@ def _module(target: str, layer: int) -> str:
 
 def export(src, dst, force=False):
     """Write the newest checkpoint of LoRA run `src` (or that checkpoint itself) as a PEFT adapter folder."""
-    path = ckpt.latest(src) if os.path.isdir(src) and not os.path.isfile(os.path.join(src, "meta.json")) else src
+    path = ckpt_native.latest(src) if os.path.isdir(src) and not os.path.isfile(os.path.join(src, "meta.json")) else src
     if path is None or not os.path.isfile(os.path.join(path, "meta.json")):
         raise ValueError(f"{src}: no native checkpoint (--to peft takes a LoRA training run)")
-    meta, sources = ckpt._native_sources(path)
+    meta, sources = ckpt_native.sources(path)
     if "lora" not in meta:
         raise ValueError(f"{src} is not a LoRA run: --to peft needs one trained with lora_rank > 0")
-    info = ckpt.lora_meta(meta, path)
-    cfg = ckpt.meta_config(meta, os.path.join(path, "meta.json"))
+    info = ckpt_native.lora_meta(meta, path)
+    cfg = ckpt_native.meta_config(meta, os.path.join(path, "meta.json"))
     tensors = {}
     for target in info["targets"]:
         missing = [x for x in "ab" if f"params.h.{target}.lora_{x}" not in sources]
         if missing:
             raise ValueError(f"{path}: no params.h.{target}.lora_{missing[0]}, which its meta.json names: damaged")
         a, b = (sources[f"params.h.{target}.lora_{x}"] for x in "ab")
-        a, b = (read(ckpt._full(shape), np.float32) for shape, _, read in (a, b))
+        a, b = (read(ckpt_io.full(shape), np.float32) for shape, _, read in (a, b))
         for i in range(cfg.n_layer):
             tensors[_module(target, i) + ".lora_A.weight"] = np.ascontiguousarray(a[i].T)  # [r, in]
             tensors[_module(target, i) + ".lora_B.weight"] = np.ascontiguousarray(b[i].T)  # [out, r]
@@ -55,8 +56,8 @@ def export(src, dst, force=False):
               "inference_mode": True, "init_lora_weights": True, "layers_pattern": None, "revision": None,
               "use_dora": False, "use_rslora": False, "rank_pattern": {}, "alpha_pattern": {}, "bias": "none",
               "modules_to_save": None, "layers_to_transform": None, "fan_in_fan_out": False}
-    save_file = ckpt._require("safetensors.numpy").save_file
-    with ckpt._atomic_dir(dst, force) as tmp:
+    save_file = ckpt_io.require("safetensors.numpy").save_file
+    with ckpt_io.atomic_dir(dst, force) as tmp:
         save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
         with open(os.path.join(tmp, "adapter_config.json"), "w") as f:
             json.dump(config, f, indent=1)
@@ -68,7 +69,7 @@ def read_adapters(path, cfg: gptj.Config, rank: int, alpha: float, targets) -> d
     f = os.path.join(path, "adapter_config.json")
     if not os.path.isfile(f):
         raise ValueError(f"{path}: no adapter_config.json: not a PEFT adapter folder")
-    conf = ckpt.read_json(f)
+    conf = ckpt_io.read_json(f)
     if conf.get("peft_type") != "LORA":
         raise ValueError(f"{f}: peft_type {conf.get('peft_type')!r}: only LORA adapters are read")
     for key, value in conf.items():
@@ -104,7 +105,7 @@ def read_adapters(path, cfg: gptj.Config, rank: int, alpha: float, targets) -> d
                 if shape != want_shape:
                     raise ValueError(f"{tensors_file}: {key} is {list(shape)}, the base implies {list(want_shape)}: "
                                      f"the adapter does not fit this base")
-                layers.append(np.asarray(read(ckpt._full(shape)), np.float32).T)
+                layers.append(np.asarray(read(ckpt_io.full(shape)), np.float32).T)
                 used.add(key)
             out[f"h.{target}.lora_{x}"] = np.stack(layers)
     extra = sorted(set(tensors) - used)

@@ -12,6 +12,8 @@ import pytest
 from hypothesis import given, strategies as st
 
 import ckpt
+import ckpt_io
+import ckpt_native
 import ckpt_peft
 import data
 import gptj
@@ -59,8 +61,8 @@ def make_run(tmp_path, corpus, base_path, **kw):
 
 def adapters_of(model_dir):
     path = ckpt.latest(model_dir)
-    meta, sources = ckpt._native_sources(path)
-    return meta, {k: read(ckpt._full(shape), np.float32) for k, (shape, _, read) in sources.items()}
+    meta, sources = ckpt_native.sources(path)
+    return meta, {k: read(ckpt_io.full(shape), np.float32) for k, (shape, _, read) in sources.items()}
 
 
 def test_step_zero_is_the_base_and_training_moves_only_the_adapters(tmp_path, corpus, base, capsys):
@@ -89,8 +91,8 @@ def test_step_zero_is_the_base_and_training_moves_only_the_adapters(tmp_path, co
     # Read as weights, the run is its base with the adapters merged; the untargeted weights are the base's bits.
     merged, cfg = ckpt.load_weights(run.model_dir)
     assert cfg == CFG
-    for name, x in ckpt._flat(base_params).items():
-        got = np.asarray(ckpt._flat(merged)[name])
+    for name, x in ckpt_io.flat(base_params).items():
+        got = np.asarray(ckpt_io.flat(merged)[name])
         if name in ("h.q_proj.weight", "h.v_proj.weight", "h.fc_out.weight"):
             t_ = name.split(".")[1]
             delta = np.einsum("lir,lro->lio", saved[f"params.h.{t_}.lora_a"], saved[f"params.h.{t_}.lora_b"])
@@ -208,7 +210,7 @@ def test_fingerprint_sees_every_value(tmp_path, base):
     path, params = base
     fp = ckpt.fingerprint(path)
     assert fp == ckpt.fingerprint(path) and len(fp) == 16
-    flat = ckpt._flat(params)
+    flat = ckpt_io.flat(params)
     edits = {"one vocabulary row": ("wte", (30, slice(None))),
              "inside a layer's matrix": ("h.fc_out.weight", (1, 77, 5)), "a LayerNorm": ("ln_f.bias", (17,))}
     for i, (what, (leaf, idx)) in enumerate(edits.items()):

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import ckpt
+import ckpt_io
 import data
 import runtime
 import sample
@@ -129,7 +130,7 @@ def error_line(stderr, text):
 
 
 def leaves(model_dir):
-    return {k: np.asarray(v) for k, v in ckpt._flat(ckpt.load(ckpt.latest(model_dir))).items()}
+    return {k: np.asarray(v) for k, v in ckpt_io.flat(ckpt.load(ckpt.latest(model_dir))).items()}
 
 
 def losses(model_dir):

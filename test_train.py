@@ -19,6 +19,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 import ckpt
+import ckpt_io
 import data
 import gptj
 import runtime
@@ -63,11 +64,12 @@ ZERO_RUN = train.Run(**{**train.KEYS, **TINY, "n_vocab": 64, "gradient_accumulat
 
 
 @functools.cache
-def zero_programs(dp, mp):
-    """The sharded Trainer for a mesh, compiled once for every example."""
-    run = dataclasses.replace(ZERO_RUN, cores_per_replica=mp, per_replica_batch=8 // dp)
+def zero_programs(dp, mp, base=None):
+    """The sharded Trainer for a mesh (of the run `base`, default ZERO_RUN), compiled once for every example."""
+    base = base or ZERO_RUN
+    run = dataclasses.replace(base, cores_per_replica=mp, per_replica_batch=8 // dp)
     t = train.Trainer(run, jax.devices()[: dp * mp])
-    return run, t, plain_step(ZERO_RUN), jax.jit(t.init_state)
+    return run, t, plain_step(base), jax.jit(t.init_state)
 
 
 @pytest.mark.parametrize("dp, mp", [(2, 2), (4, 2), (2, 4), (8, 1)])
@@ -118,11 +120,10 @@ def test_bf16_sharded_step_equals_unsharded(dp, mp, seed):
     the gradient norm to 1 (0.16), Adam's first moment to 16 of its own scale (4.6), the second, squares of the
     gradients, to 32 (8.5); updates where the gradient is above a tenth of its leaf's largest to 0.1 lr (0.033).
     A shard's contribution lost or counted twice moves any of these by far more than their tolerance."""
-    run = dataclasses.replace(BF16_RUN, cores_per_replica=mp, per_replica_batch=8 // dp)
-    t, step = train.Trainer(run, jax.devices()[: dp * mp]), plain_step(BF16_RUN)
+    run, t, step, init = zero_programs(dp, mp, BF16_RUN)
     assert t.cfg.dtype == "bfloat16" and t.shapes["params"]["wte"].dtype == jnp.float32  # fp32 masters
     rng = np.random.default_rng(seed)
-    sharded = jax.device_put(jax.jit(t.init_state)(jax.random.PRNGKey(seed)), t.shardings)
+    sharded = jax.device_put(init(jax.random.PRNGKey(seed)), t.shardings)
     for _ in range(2):
         b = rng.integers(0, 64, (2, 8, run.seq + 1)).astype(np.int32)
         start = jax.device_get(sharded)
@@ -184,7 +185,7 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 
 def params_of(model_dir):
-    return {k: np.asarray(v) for k, v in ckpt._flat(ckpt.load(ckpt.latest(model_dir))).items()}
+    return {k: np.asarray(v) for k, v in ckpt_io.flat(ckpt.load(ckpt.latest(model_dir))).items()}
 
 
 def test_stop_by_signal_and_resume_is_bit_identical(tmp_path, corpus, monkeypatch):
