@@ -134,16 +134,16 @@ def _check_params(path, cfg, sources) -> dict:
     return {leaf: sources[leaf] for leaf in gptj.param_shapes(cfg)}
 
 
-def load_weights(path, *, config=None, mesh=None, dtype=None, progress=True):
+def load_weights(path, *, config=None, mesh=None, dtype=None, progress=True, fsdp=False):
     """(params, cfg) from a native checkpoint or run folder, a HuggingFace GPT-J folder, or an original
     checkpoint (config: its JSON config). dtype: cast to it (default: as stored). With mesh, every leaf
-    goes straight onto its shard.param_specs shards; without, leaves are host numpy arrays."""
+    goes straight onto its shard.param_specs(..., fsdp) shards; without, leaves are host numpy arrays."""
     cfg, sources = _open(path, config)
     sources = _check_params(path, cfg, sources)
     shardings = None
     if mesh is not None:
-        shard.check(cfg, mesh)
-        specs = ckpt_io.flat(shard.param_specs(ckpt_io.shape_tree(sources)), lambda s: isinstance(s, P))
+        shard.check(cfg, mesh, fsdp=fsdp)
+        specs = ckpt_io.flat(shard.param_specs(ckpt_io.shape_tree(sources), fsdp=fsdp), lambda s: isinstance(s, P))
         shardings = {k: NamedSharding(mesh, s) for k, s in specs.items()}
     return gptj.nest(dict(ckpt_io.leaves(sources, dtype, shardings, progress))), cfg
 

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import ckpt_io
+import data
 import gptj
 
 HF_NAMES = {  # our leaf -> HF tensor name; {i} is the layer of a stacked leaf
@@ -117,7 +118,7 @@ def sources(path):
 
 
 def _hf_json(cfg: gptj.Config, dtype: str) -> dict:
-    eot = ckpt_io.EOT if cfg.n_vocab > ckpt_io.EOT else None  # GPT-2's <|endoftext|>, when the vocabulary has it
+    eot = data.EOT if cfg.n_vocab > data.EOT else None  # GPT-2's <|endoftext|>, when the vocabulary has it
     return {"architectures": ["GPTJForCausalLM"], "model_type": "gptj", "vocab_size": cfg.n_vocab,
             "n_positions": cfg.n_ctx, "n_embd": cfg.d_model, "n_layer": cfg.n_layer, "n_head": cfg.n_head,
             "rotary_dim": cfg.rotary_dim, "n_inner": cfg.d_ff, "activation_function": "gelu_new",

@@ -22,8 +22,6 @@ from jax.sharding import Sharding
 
 import gptj
 
-EOT = 50256  # GPT-2's <|endoftext|>
-
 
 def path_str(path) -> str:
     """'opt_state.0.mu.h.fc_in.weight': dict keys, attribute names and sequence indices joined by dots."""
@@ -47,7 +45,8 @@ def full(shape):
 
 
 def transpose(a):
-    """a.T as a new C-ordered array, copied 64 rows at a time: one big strided copy misses cache, ~10x slower."""
+    """a.T as a new C-ordered array, copied 64 rows at a time: one big strided copy misses cache, and is slower
+    (docs/performance.md)."""
     out = np.empty(a.shape[::-1], a.dtype)
     for i in range(0, a.shape[0], 64):
         out[:, i:i + 64] = a[i:i + 64].T

@@ -1,11 +1,14 @@
 """Batched GPT-J decoding with a fixed-size KV cache, on one device or a (dp, mp) mesh.
 
-Prompts are right-padded into one batch and prefilled in one call; then one token per step comes from the
-cache, each row at its own position. `generate` compiles that whole loop once per (batch, prompt bucket,
-steps) shape; `complete` can also run the very same prefill and step one compiled call at a time, so that
-tokens can be shown as they come and rows stopped early. serve.py keeps a batch of rows decoding and lets
-new rows join it (`insert`). Sampling settings are per-row arrays: a batch can mix requests. Weights may
-be stacked (as trained) or per layer (`unstack`, faster to decode on GPUs).
+Prompts are right-padded into one batch and prefilled in one call; then each row decodes from the cache at its
+own position. The rows being decoded are one pytree, `Batch` (the cache, each row's last token, step count,
+tokens so far, budget and sampling settings), which `prefill` makes and `step` advances by up to CHUNK tokens
+in one compiled call, each row ending where `finish` says, mid-chunk or not. `generate` compiles the whole loop
+once per shape; `complete` runs either that or prefill and steps, so that tokens can be shown as they come and
+rows stopped early. serve_engine.py keeps a Batch decoding and lets new rows join it (`insert`, `regroup`).
+
+Where having a mesh or not is decided: `dp`, `forward`, `put`, `place` and `place_cache`; where weights (or a
+cache) stacked over layers or held per layer (`unstack`, faster to decode on GPUs) are told apart: `per_layer`.
 
     enc = data.tokenizer()
     row = Row(prompt_ids(enc, "To be"), 64, temperature=0.8, top_p=0.9, key=(seed, 0))
@@ -13,6 +16,7 @@ be stacked (as trained) or per layer (`unstack`, faster to decode on GPUs).
 """
 import codecs
 import dataclasses
+import time
 from functools import partial
 
 import jax
@@ -23,10 +27,12 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import data
 import gptj
+import sampling
 import shard
 
-EOT = data.EOT
 VOCAB = 50257  # GPT-2's tokens; embedding rows past them are padding for sharding and never sampled
+CHUNK = 16  # the most decoding steps one dispatch of `step` runs (the width of its output)
+CHUNK_S = 0.05  # seconds a dispatch may take at most, at the measured time per step (`Pace`)
 
 
 def bucket(n: int, lo: int = 16) -> int:
@@ -36,149 +42,68 @@ def bucket(n: int, lo: int = 16) -> int:
 
 def prompt_ids(enc, text: str) -> list:
     """A prompt's token ids; <|endoftext|> may be written in it, and an empty prompt is that token alone."""
-    return enc.encode(text, allowed_special={"<|endoftext|>"}) or [EOT]
+    return enc.encode(text, allowed_special={"<|endoftext|>"}) or [data.EOT]
 
 
-# ---------------------------------------------------------------- sampling
+# ---------------------------------------------------------------- mesh or not, stacked or per layer
 
-def _threshold(keys, enough):
-    """Per row, the largest uint32 t for which enough(keys >= t) holds (it must hold for t = 0 and only get
-    harder as t grows): decided one bit at a time, from the top. keys [B, V] -> [B, 1]."""
-    def bit(i, t):
-        trial = t | (jnp.uint32(1) << (31 - i).astype(jnp.uint32))
-        return jnp.where(enough(keys >= trial), trial, t)
-    return lax.fori_loop(0, 32, bit, jnp.zeros((keys.shape[0], 1), jnp.uint32))
+def dp(mesh) -> int:
+    """How many ways a batch is split: the mesh's dp, or 1 without a mesh."""
+    return 1 if mesh is None else mesh.shape[shard.DP]
 
 
-def filter_logits(logits, top_k, top_p):
-    """Per row, keep the top_k largest logits (0: all), then the fewest largest whose probability reaches top_p
-    (1: all); the others become -inf. The argmax always survives. logits [B, V]; top_k [B]; top_p [B].
-
-    No sort: sorting the vocabulary is slow on CPUs and across a vocab-split mesh. Instead each cut-off is
-    found by bisection over the logits' bit patterns (as uint32 they sort like the floats), 32 passes of
-    elementwise compares and sums that split cleanly over the vocabulary.
-    """
-    bits = lax.bitcast_convert_type(logits.astype(jnp.float32), jnp.uint32)
-    keys = jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))  # order-preserving float -> uint32
-    k = jnp.where(top_k > 0, top_k, logits.shape[-1])[:, None]
-    keep = keys >= _threshold(keys, lambda mask: mask.sum(-1, keepdims=True) >= k)
-    probs = jax.nn.softmax(jnp.where(keep, logits, -jnp.inf), axis=-1)
-    p = top_p[:, None]
-    keep &= (keys >= _threshold(keys, lambda mask: jnp.where(mask, probs, 0).sum(-1, keepdims=True) >= p)) | (p >= 1)
-    keep |= logits >= logits.max(-1, keepdims=True)
-    return jnp.where(keep, logits, -jnp.inf)
+def mp(mesh) -> int:
+    """How many ways the weights are split: the mesh's mp, or 1 without a mesh."""
+    return 1 if mesh is None else mesh.shape[shard.MP]
 
 
-def sample_logits(logits, knobs, index, counts, vocab=VOCAB):
-    """Next token per row: argmax where temperature is 0, else a draw from the tempered, filtered softmax.
-
-    knobs: per-row settings (see `knobs`). OpenAI's logit bias and presence and frequency penalties shift the
-    logits first: logit - count * frequency - (count > 0) * presence, with counts [B, V] how often each token
-    was generated in the row so far. Ids >= vocab are never chosen. Row b's draw uses its own key folded with
-    its own step count index[b], so it depends on nothing else in the batch: not the other rows, not when
-    the row joined it.
-    """
-    usable = jnp.arange(logits.shape[-1]) < vocab
-    shift = lambda x: x + knobs["bias"] - counts * knobs["frequency"][:, None] - (counts > 0) * knobs["presence"][:, None]
-    shifted = jnp.any(knobs["biased"]) | jnp.any(knobs["presence"] != 0) | jnp.any(knobs["frequency"] != 0)
-    logits = jnp.where(usable, lax.cond(shifted, shift, lambda x: x, logits), -jnp.inf)
-    greedy = argmax(logits)
-    top = jnp.take_along_axis(logits, greedy[:, None], -1)  # the row's maximum, without another pass for it
-    temperature, top_k, top_p = knobs["temperature"], knobs["top_k"], knobs["top_p"]
-    sampled = temperature > 0
-    row_key = lambda key, i: jax.random.fold_in(jax.random.wrap_key_data(key, impl="threefry2x32"), i)
-
-    def draw(logits):
-        # Shifted by the maximum before the division, so that a tiny temperature gives -inf, not inf - inf; an
-        # infinite one gives the uniform draw, and the re-mask keeps the padding at -inf. The maximum becomes 0
-        # and filtering keeps it, so exp needs no second shift; without filters, scaling and exp are one pass.
-        t = jnp.where(sampled, temperature, 1.0)[:, None]
-        scale = lambda l: jnp.where(l > -jnp.inf, (l - top) / t, -jnp.inf)
-        weights = lax.cond(jnp.any(sampled & ((top_k > 0) | (top_p < 1))),
-                           lambda l: jnp.exp(filter_logits(scale(l), top_k, top_p)), lambda l: jnp.exp(scale(l)), logits)
-        u = jax.vmap(lambda key, i: jax.random.uniform(row_key(key, i), (2,)))(knobs["key"], index)
-        return jnp.where(sampled, draw_index(weights, u), greedy).astype(jnp.int32)
-
-    # Filtering and drawing cost as much as a small model's step: skip what no row needs.
-    return lax.cond(jnp.any(sampled), draw, lambda logits: greedy, logits)
+def batch_rows(n: int, mesh) -> int:
+    """n rounded up to a batch that the mesh's dp divides."""
+    return -(-n // dp(mesh)) * dp(mesh)
 
 
-def _chunk(n: int) -> int:
-    """The largest power of two up to 256 that divides n: the width of argmax's and draw_index's chunks."""
-    return min(256, n & -n)
+def per_layer(tree) -> bool:
+    """Weights (params["h"]) or a KV cache (cache["k"]) held as a list of layers (`unstack`), not stacked."""
+    return isinstance(tree["h"] if "h" in tree else tree["k"], list)
 
 
-def argmax(x):
-    """jnp.argmax over the last axis (the first index of the maximum), in two levels: the chunks' maxima, then
-    within the winning chunk. XLA:CPU's single-pass argmax over a vocabulary is 4 to 8x slower."""
-    *lead, V = x.shape
-    c = _chunk(V)
-    w = x.reshape(*lead, V // c, c)
-    i = w.max(-1).argmax(-1)
-    return (i * c + jnp.take_along_axis(w, i[..., None, None], -2)[..., 0, :].argmax(-1)).astype(jnp.int32)
+def forward(params, tokens, cfg, mesh=None, cache=None, linear=gptj.dense):
+    """gptj.forward, or shard.forward where there is a mesh."""
+    if mesh is None:
+        return gptj.forward(params, tokens, cfg, cache=cache, linear=linear)
+    return shard.forward(params, tokens, cfg, mesh, cache, linear)
 
 
-def draw_index(weights, u, chunk=256):
-    """Per row, index i with probability weights[i] / sum(weights), by inverse transform: weights [B, V] >= 0,
-    each row with some weight; u [B, 2] uniform in [0, 1). In two levels, a chunk of `chunk` ids by the chunks'
-    total weights, then an id within it: a cumulative sum over the whole vocabulary is slow on CPUs, and a
-    Gumbel draw costs a random number and two logarithms per id (31 ms against 1.1 ms for 32 rows of 50304
-    ids on 2 cores).
-    A zero weight is never drawn, rounding at the top end included."""
-    B, V = weights.shape
-    chunk = _chunk(V) if _chunk(V) >= 32 else chunk  # a chunk that divides V saves a padded copy
-    w = jnp.pad(weights, ((0, 0), (0, -V % chunk))).reshape(B, -1, chunk)
-
-    def pick(w, u):  # w [B, n]: the first index whose cumulative weight exceeds u * total, never one of weight 0
-        cdf = jnp.cumsum(w, -1)
-        i = (cdf <= (u * cdf[:, -1])[:, None]).sum(-1)
-        return jnp.minimum(i, w.shape[-1] - 1 - jnp.argmax(w[:, ::-1] > 0, -1))
-
-    c = pick(w.sum(-1), u[:, 0])
-    within = jnp.take_along_axis(w, c[:, None, None], 1)[:, 0]
-    return c * chunk + pick(within, u[:, 1])
+def put(tree, mesh=None):
+    """Host arrays onto the device, or replicated over the mesh: inputs that many compiled calls reuse."""
+    return jax.device_put(tree, None if mesh is None else NamedSharding(mesh, P()))
 
 
-MAX_LOGPROBS = 20  # the most alternatives a request may ask for per position, as vLLM allows
+def place(params, mesh=None):
+    """Weights onto the device, or split over the mesh as shard.param_specs says (a no-op for weights already
+    there). Host arrays passed to every compiled call would be copied to the device on every call."""
+    return jax.device_put(params) if mesh is None else shard.place_params(params, mesh)
 
 
-def token_logprobs(logits, targets, k=0) -> dict:
-    """The model's own log-probabilities: the log-softmax of the fp32 logits over the whole vocabulary, before
-    any sampling setting, as lm-evaluation-harness computes them in-process. logits [..., V]; targets [...].
-    -> logprob [...] of each target and, for k > 0, the k likeliest ids and theirs: top_ids, top_logprobs
-    [..., k]. The target's logprob and an equal top entry are the same float, so a greedy test by == holds."""
-    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    out = {"logprob": jnp.take_along_axis(lp, targets[..., None], -1)[..., 0]}
-    if k == 1:  # what lm-evaluation-harness asks for: the argmax is far cheaper than top_k on CPUs
-        out["top_ids"] = argmax(lp)[..., None]
-        out["top_logprobs"] = jnp.take_along_axis(lp, out["top_ids"], -1)
-    elif k:
-        out["top_logprobs"], out["top_ids"] = lax.top_k(lp, k)
-    return out
+def place_cache(cache, mesh):
+    """A KV cache split over the mesh by rows and heads (inside or outside jit); as it is without a mesh."""
+    return cache if mesh is None else lax.with_sharding_constraint(cache, shard.named(mesh, shard.cache_specs(cache)))
 
 
-def top_bucket(k: int) -> int:
-    """How many alternatives to compute when k are wanted: a few sizes only, each compiled once."""
-    return 0 if k <= 0 else min(MAX_LOGPROBS, bucket(k, 1))
+def _kv(fn, cache):
+    """fn(x, axis) applied to every k/v array of a cache, axis its batch axis (stacked: after the layers)."""
+    axis = 0 if per_layer(cache) else 1
+    return {**cache, "k": jax.tree.map(lambda x: fn(x, axis), cache["k"]),
+            "v": jax.tree.map(lambda x: fn(x, axis), cache["v"])}
 
-
-def finish(tok, n, done, limit, eot):
-    """The one rule for when a row ends, for jax and numpy arrays alike. tok extends a row that is not done
-    unless it is eot, which ends the row; a row also ends with its limit of n new tokens. -> (new, n, done)."""
-    new = ~done & (tok != eot)
-    n = n + new
-    return new, n, done | ~new | (n >= limit)
-
-
-# ---------------------------------------------------------------- generation
 
 def unstack(params, free=False) -> dict:
     """The same weights with "h" a list of per-layer dicts, each weight its own array.
 
     Decoding is bound by reading every weight once per token. From weights stacked over layers, XLA on GPU
-    first copies each layer's slice out of the stack, which triples that traffic (GPT-J-6B, bfloat16, batch
-    1 on an H100: 75 tokens/s stacked, 215 per-layer, against a bound of 228). free: take params["h"] out
-    of `params` and drop each stacked weight once split, so that memory peaks at the model plus one weight.
+    first copies each layer's slice out of the stack, which triples that traffic (docs/performance.md).
+    free: take params["h"] out of `params` and drop each stacked weight once split, so that memory peaks at
+    the model plus one weight.
     """
     leaves, tree = jax.tree.flatten(params.pop("h") if free else params["h"])
     split = jax.jit(lambda x: [x[i] for i in range(x.shape[0])])
@@ -190,53 +115,131 @@ def unstack(params, free=False) -> dict:
     return {**params, "h": [tree.unflatten([p[i] for p in parts]) for i in range(len(parts[0]))]}
 
 
-def forward(params, tokens, cfg, mesh=None, cache=None, linear=gptj.dense):
-    """gptj.forward, or shard.forward where there is a mesh."""
-    if mesh is None:
-        return gptj.forward(params, tokens, cfg, cache=cache, linear=linear)
-    return shard.forward(params, tokens, cfg, mesh, cache, linear)
+def finish(tok, n, done, limit, eot):
+    """The one rule for when a row ends, for jax and numpy arrays alike. tok extends a row that is not done
+    unless it is eot, which ends the row; a row also ends with its limit of n new tokens. -> (new, n, done)."""
+    new = ~done & (tok != eot)
+    n = n + new
+    return new, n, done | ~new | (n >= limit)
 
 
-def _split_cache(cache, mesh):
-    return cache if mesh is None else lax.with_sharding_constraint(cache, shard.named(mesh, shard.cache_specs(cache)))
+# ---------------------------------------------------------------- the running batch
+
+@partial(jax.tree_util.register_dataclass, data_fields=["cache", "tok", "index", "n", "done", "limit", "eot",
+                                                        "counts", "knobs"], meta_fields=[])
+@dataclasses.dataclass
+class Batch:
+    """Rows decoding together, all on the device: every field but the cache has the rows as its first axis.
+
+    A row's draws depend only on its own key and step count (`index`), so not on the other rows, nor on when
+    it joined. Rows that are done (by `finish`, on the device) or that the caller leaves out of `active`
+    keep their place in the cache and stop changing."""
+    cache: dict  # gptj.init_cache's, each row at its own length
+    tok: jax.Array  # [B] each row's last token: the next step's input
+    index: jax.Array  # [B] steps the row has taken: its draws' key is folded with this
+    n: jax.Array  # [B] tokens in its completion so far (finish's n)
+    done: jax.Array  # [B] bool: ended by eot or its limit
+    limit: jax.Array  # [B] its budget of new tokens
+    eot: jax.Array  # [B] the token that ends it (-1: none)
+    counts: jax.Array  # [B, n_vocab] int32: how often each token was generated (the penalties)
+    knobs: dict  # its sampling settings (`knobs`)
+
+    @property
+    def size(self) -> int:
+        return self.tok.shape[0]
+
+    @property
+    def cache_len(self) -> int:
+        return jax.tree.leaves(self.cache["k"])[0].shape[-2]
 
 
-def _prefill(params, tokens, lengths, knobs, cfg, cache_len, mesh, linear=gptj.dense, logprobs=None):
+def _rows(batch, fn, cache_fn):
+    """A Batch with fn applied to every per-row array (the cache's lengths included), cache_fn(x, axis) to k/v."""
+    kv = _kv(cache_fn, batch.cache)
+    fields = {f: jax.tree.map(fn, getattr(batch, f)) for f in ("tok", "index", "n", "done", "limit", "eot", "counts",
+                                                                "knobs")}
+    return Batch(cache={**kv, "length": fn(batch.cache["length"])}, **fields)
+
+
+def _advance(params, batch, run, cfg, mesh, linear, want=None):
+    """One decoding step of the rows in `run` -> (the step's output, the batch after it). want: the most
+    alternatives any row wants (sampling.chosen_logprobs), None for no logprobs at all."""
+    logits, cache = forward(params, batch.tok[:, None], cfg, mesh, batch.cache, linear)
+    logits = logits[:, -1]
+    tok = sampling.sample_logits(logits, batch.knobs, batch.index, batch.counts, min(cfg.n_vocab, VOCAB))
+    _, n, done = finish(tok, batch.n, batch.done, batch.limit, batch.eot)
+    # A row that does not run (a free slot, a finished row) keeps its place in the cache rather than run out of it.
+    cache = {**cache, "length": jnp.where(run, cache["length"], batch.cache["length"])}
+    keep = lambda new, old: jnp.where(run, new, old)
+    batch = dataclasses.replace(
+        batch, cache=cache, tok=keep(tok, batch.tok), index=batch.index + run, n=keep(n, batch.n),
+        done=keep(done, batch.done), counts=batch.counts.at[jnp.arange(tok.shape[0]), tok].add(run.astype(jnp.int32)))
+    out = {"token": tok} if want is None else {"token": tok, **sampling.chosen_logprobs(logits, tok, want)}
+    return out, batch
+
+
+def _want(batch, run):
+    return jnp.max(jnp.where(run, batch.knobs["logprobs"], -1))
+
+
+def _fill(params, tokens, lengths, knobs, limit, eot, cfg, cache_len, mesh, linear=gptj.dense):
     B, T = tokens.shape
-    cache = _split_cache(gptj.init_cache(cfg, B, cache_len, per_layer=isinstance(params["h"], list)), mesh)
+    cache = place_cache(gptj.init_cache(cfg, B, cache_len, per_layer=per_layer(params)), mesh)
     # Only each row's last position's logits are wanted: the tokens before it go in for the cache alone (their
     # logits, [B, T, n_vocab] of them, are never computed), then the last token as a first decode step. The
     # padding after a shorter prompt is overwritten as that row decodes, and never attended to before.
     _, cache = forward(params, tokens[:, :-1], cfg, mesh, cache, linear)
     cache = {**cache, "length": lengths - 1}
     last = jnp.take_along_axis(tokens, (lengths - 1)[:, None], 1)[:, 0]
-    counts = jnp.zeros((B, cfg.n_vocab), jnp.int32)
-    return _step(params, last, cache, jnp.zeros(B, jnp.int32), counts, knobs, jnp.ones(B, bool), cfg, mesh, linear,
-                 logprobs)
+    zeros = jnp.zeros(B, jnp.int32)
+    return Batch(cache, last, zeros, zeros, jnp.zeros(B, bool), limit, eot, jnp.zeros((B, cfg.n_vocab), jnp.int32),
+                 knobs)
 
 
-def _step(params, tok, cache, index, counts, knobs, active, cfg, mesh, linear=gptj.dense, logprobs=None):
-    logits, new = forward(params, tok[:, None], cfg, mesh, cache, linear)
-    logits = logits[:, -1]
-    tok = sample_logits(logits, knobs, index, counts, min(cfg.n_vocab, VOCAB))
-    counts = counts.at[jnp.arange(tok.shape[0]), tok].add(active.astype(counts.dtype))
-    # An idle row (a free slot, a finished row) keeps its place in the cache rather than run out of it.
-    new = {**new, "length": jnp.where(active, new["length"], cache["length"])}
-    out = {"token": tok} if logprobs is None else {"token": tok, **token_logprobs(logits, tok, logprobs)}
-    return out, new, counts
+def _prefill(params, tokens, lengths, knobs, limit, eot, cfg, cache_len, mesh, linear=gptj.dense, scores=True):
+    batch = _fill(params, tokens, lengths, knobs, limit, eot, cfg, cache_len, mesh, linear)
+    B = batch.size
+    run = jnp.ones(B, bool)
+    out, batch = _advance(params, batch, run, cfg, mesh, linear, _want(batch, run) if scores else None)
+    return {**jax.tree.map(lambda x: x[:, None], out), "made": jnp.ones(B, jnp.int32)}, batch
 
 
-# prefill(params, tokens [B, T], lengths [B], knobs, cfg, cache_len, mesh, linear, logprobs) -> (out, cache, counts):
-# out["token"] [B] is each row's first new token (with `logprobs` not None: its logprob, and that many
-# alternatives), cache holds the prompts, counts [B, V] the new tokens so far.
-prefill = jax.jit(_prefill, static_argnames=("cfg", "cache_len", "mesh", "linear", "logprobs"))
-# step(params, tok [B], cache, index [B], counts, knobs, active [B], cfg, mesh, linear, logprobs) -> (out, cache,
-# counts): the next token per row; index is each row's own step count (its key's), active rows advance.
-step = jax.jit(_step, static_argnames=("cfg", "mesh", "linear", "logprobs"), donate_argnames=("cache", "counts"))
+def _step(params, batch, active, k, cfg, mesh, linear=gptj.dense):
+    run = active & ~batch.done
+    want = _want(batch, run)  # rows only leave during a chunk
+    B = batch.size
+    bufs = {"token": jnp.zeros((B, CHUNK), jnp.int32), "logprob": jnp.zeros((B, CHUNK), jnp.float32),
+            "top_ids": jnp.zeros((B, CHUNK, sampling.MAX_LOGPROBS), jnp.int32),
+            "top_logprobs": jnp.zeros((B, CHUNK, sampling.MAX_LOGPROBS), jnp.float32)}
+
+    def body(state):
+        i, batch, run, made, bufs = state
+        out, batch = _advance(params, batch, run, cfg, mesh, linear, want)
+        bufs = jax.tree.map(lambda buf, x: buf.at[:, i].set(x), bufs, out)
+        return i + 1, batch, run & ~batch.done, made + run, bufs
+
+    state = (jnp.int32(0), batch, run, jnp.zeros(B, jnp.int32), bufs)
+    _, batch, _, made, bufs = lax.while_loop(lambda s: (s[0] < jnp.minimum(k, CHUNK)) & s[2].any(), body, state)
+    return {**bufs, "made": made}, batch
+
+
+# prefill(params, tokens [B, T], lengths [B], knobs, limit [B], eot [B], cfg, cache_len, mesh, linear) -> (out,
+# batch): out["token"] [B, 1] is each row's first new token, with its logprob and alternatives for the rows whose
+# knobs ask (sampling.chosen_logprobs), and out["made"] [B] ones; batch holds the prompts in a cache of cache_len.
+prefill = jax.jit(_prefill, static_argnames=("cfg", "cache_len", "mesh", "linear", "scores"))
+# step(params, batch, active [B], k, cfg, mesh, linear) -> (out, batch): up to k (<= CHUNK) tokens of each active
+# row that is not done, in one compiled loop that ends early once none runs: out["token"] [B, CHUNK], of which row
+# b's first out["made"][b] are its new tokens (each one finish's tok), logprobs likewise [B, CHUNK(, MAX_LOGPROBS)].
+step = jax.jit(_step, static_argnames=("cfg", "mesh", "linear"), donate_argnames=("batch",))
+# fill(params, tokens, lengths, knobs, limit, eot, cfg, cache_len, mesh, linear) -> a Batch of the prompts in a cache
+# of cache_len, each row's last prompt token its next step's input: prefill without its first step, which `step`
+# (k 1) then takes, with the same draws. A program with no sampling in it: quick to compile, one per prompt shape.
+fill = jax.jit(_fill, static_argnames=("cfg", "cache_len", "mesh", "linear"))
+first_step = step  # the same program, for a first step of freshly filled rows (tests gate `step` on servers alone)
 
 
 @partial(jax.jit, static_argnames=("cfg", "steps", "mesh", "linear"))
-def generate(params, tokens, lengths, knobs, limit, cfg, steps, *, mesh=None, eot=EOT, linear=gptj.dense):
+def generate(params, tokens, lengths, knobs, limit, cfg, steps, *, mesh=None, eot=data.EOT, linear=gptj.dense):
     """Sample up to `steps` tokens after right-padded prompts, all in one compiled loop.
 
     tokens [B, T], row b's prompt its first lengths[b] tokens; knobs: per-row sampling settings (`knobs`);
@@ -244,28 +247,113 @@ def generate(params, tokens, lengths, knobs, limit, cfg, steps, *, mesh=None, eo
     (out [B, steps] with eot after each row's end, n [B] tokens before it).
     """
     B, T = tokens.shape
-
-    def record(i, tok, out, n, done):
-        new, n, done = finish(tok, n, done, limit, eot)
-        return out.at[:, i].set(jnp.where(new, tok, eot)), n, done
+    eots = jnp.full(B, eot, jnp.int32)
+    o, batch = _prefill(params, tokens, lengths, knobs, limit, eots, cfg, T + steps, mesh, linear, scores=False)
+    record = lambda out, i, tok, new: out.at[:, i].set(jnp.where(new, tok, eot))
 
     def body(state):
-        i, tok, cache, counts, out, n, done = state
-        o, cache, counts = _step(params, tok, cache, jnp.full(B, i), counts, knobs, ~done, cfg, mesh, linear)
-        return (i + 1, o["token"], cache, counts, *record(i, o["token"], out, n, done))
+        i, batch, out = state
+        o, after = _advance(params, batch, ~batch.done, cfg, mesh, linear)
+        return i + 1, after, record(out, i, o["token"], after.n > batch.n)
 
-    o, cache, counts = _prefill(params, tokens, lengths, knobs, cfg, T + steps, mesh, linear)
-    out, n, done = record(0, o["token"], jnp.full((B, steps), eot, jnp.int32), jnp.zeros(B, jnp.int32),
-                          jnp.zeros(B, bool))
-    state = (jnp.int32(1), o["token"], cache, counts, out, n, done)
-    state = lax.while_loop(lambda s: (s[0] < steps) & ~s[-1].all(), body, state)
-    return state[4], state[5]
+    out = record(jnp.full((B, steps), eot, jnp.int32), 0, o["token"][:, 0], batch.n > 0)
+    _, batch, out = lax.while_loop(lambda s: (s[0] < steps) & ~s[1].done.all(), body, (jnp.int32(1), batch, out))
+    return out, batch.n
 
+
+def empty(cfg, rows, length, params, mesh=None) -> Batch:
+    """A batch of `rows` free rows with `length` cache slots each, placed for the mesh."""
+    cache = place_cache(gptj.init_cache(cfg, rows, length, per_layer=per_layer(params)), mesh)
+    zeros = np.zeros(rows, np.int32)
+    return Batch(cache, *put((zeros, zeros, zeros, np.zeros(rows, bool), zeros, zeros,
+                              np.zeros((rows, cfg.n_vocab), np.int32), knobs([Row([data.EOT], 1)] * rows, cfg.n_vocab)),
+                             mesh))
+
+
+@jax.jit
+def row_of(new, i):
+    """Row i of freshly prefilled rows as a Batch of one row: inserted one by one, they compile per (batch, cache)
+    shape, not per pair of that and the prefill's batch size; i is an argument, so one program per shape."""
+    one = lambda x, axis=0: lax.dynamic_slice_in_dim(x, i, 1, axis)
+    return _rows(new, one, one)
+
+
+@partial(jax.jit, static_argnames=("mesh",), donate_argnames=("batch",))
+def insert(batch, new, slots, mesh=None):
+    """Put freshly prefilled rows (a Batch whose cache may have fewer slots per row) into a running batch.
+    slots [rows]: where each goes, or the batch size for a padding row (dropped)."""
+    fields = {f: jax.tree.map(lambda a, b: a.at[slots].set(b, mode="drop"), getattr(batch, f), getattr(new, f))
+              for f in ("tok", "index", "n", "done", "limit", "eot", "counts", "knobs")}
+
+    axis = 0 if per_layer(batch.cache) else 1  # k/v: [layers,] batch, heads, cache_len, d_head
+
+    def kv(a, b):  # into the rows' first slots
+        return a.at[(slice(None),) * axis + (slots, slice(None), slice(0, b.shape[-2]))].set(b, mode="drop")
+    cache = {name: jax.tree.map(kv, batch.cache[name], new.cache[name]) for name in ("k", "v")}
+    cache["length"] = batch.cache["length"].at[slots].set(new.cache["length"], mode="drop")
+    return Batch(cache=place_cache(cache, mesh), **fields)
+
+
+@partial(jax.jit, static_argnames=("length", "mesh"))  # no donation: the new arrays have other sizes
+def regroup(batch, order, length, mesh=None):
+    """A running batch rebuilt: row r of the new one is row order[r] of the old one (an index past the old
+    batch: an empty row), and the cache has `length` slots per row, grown with empty ones or cut after
+    those in use. So the batch and its cache shrink when rows leave, and grow when more join."""
+    take = lambda x, axis=0: jnp.take(x, order, axis, mode="fill", fill_value=0)
+
+    def fit(x, axis):  # k/v: [layers,] batch, heads, cache_len, d_head
+        x, n = take(x, axis), x.shape[-2]
+        if length <= n:
+            return x[..., :length, :]
+        return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, length - n), (0, 0)])
+    new = _rows(batch, take, fit)
+    return dataclasses.replace(new, cache=place_cache(new.cache, mesh))
+
+
+class Pace:
+    """How many steps the next dispatch of `step` takes: one after rows join, then twice as many each dispatch
+    (so a new row's first tokens come one at a time), at most `most` and at most as many as take CHUNK_S seconds
+    at the time per step measured for this batch size (so that a request arriving meanwhile is not kept waiting
+    long for its prefill; unless none could join: `next`'s room). Each step's tokens reach the host as one copy,
+    not one per token."""
+
+    def __init__(self, most=CHUNK, budget=CHUNK_S):
+        self.most, self.budget, self.ramp, self.per_step, self.last = min(most, CHUNK), budget, 1, {}, None
+
+    def next(self, rows, room=True) -> int:
+        """room: a request arriving now could join at the next call (a free row, or one waits for a row). Without
+        room the time budget does not apply: every call's first step costs more than the others (on this CPU, 32
+        rows: 21 ms, then 14 ms a step), so that a full batch decodes faster in long calls."""
+        seconds = self.per_step.get(rows)
+        fit = self.most if seconds is None or not room else max(1, int(self.budget / seconds))
+        k = max(1, min(self.ramp, self.most, fit))
+        self.ramp = min(2 * self.ramp, self.most)
+        return k
+
+    def restart(self):
+        """Rows joined: their next tokens one at a time again."""
+        self.ramp = 1
+
+    def read(self, rows, steps):
+        """A dispatch that ran `steps` steps has just been read: time it from the read before (steps 0: another
+        program's output, such as a prefill's, was read: only start timing the next)."""
+        now = time.perf_counter()
+        if self.last is not None and steps:
+            seconds, old = (now - self.last) / steps, self.per_step.get(rows)
+            self.per_step[rows] = seconds if old is None else 0.7 * old + 0.3 * seconds
+        self.last = now
+
+    def idle(self):
+        self.last, self.ramp = None, 1
+
+
+# ---------------------------------------------------------------- rows
 
 @dataclasses.dataclass
 class Row:
     """One completion to make: prompt ids, a token budget, sampling settings and a key (seed, sample index);
-    presence and frequency penalties and a logit bias {id: value}, as OpenAI defines them."""
+    presence and frequency penalties and a logit bias {id: value}, as OpenAI defines them; logprobs: how many
+    alternatives to score beside each chosen token (None: no logprobs)."""
     ids: list
     max_new: int
     temperature: float = 0.0
@@ -275,6 +363,7 @@ class Row:
     presence: float = 0.0
     frequency: float = 0.0
     bias: dict = dataclasses.field(default_factory=dict)
+    logprobs: int | None = None
 
 
 def check(rows, cfg):
@@ -288,7 +377,7 @@ def check(rows, cfg):
 
 
 def knobs(rows, n_vocab) -> dict:
-    """Rows' sampling settings as the arrays sample_logits takes, one entry per row."""
+    """Rows' sampling settings as the arrays sampling.sample_logits takes, one entry per row."""
     bias = np.zeros((len(rows), n_vocab), np.float32)
     for b, r in enumerate(rows):
         for t, v in r.bias.items():
@@ -300,10 +389,11 @@ def knobs(rows, n_vocab) -> dict:
             "top_p": np.array([r.top_p for r in rows], np.float32),
             "presence": np.array([r.presence for r in rows], np.float32),
             "frequency": np.array([r.frequency for r in rows], np.float32),
-            "biased": np.array([bool(r.bias) for r in rows]), "bias": bias}
+            "biased": np.array([bool(r.bias) for r in rows]), "bias": bias,
+            "logprobs": np.array([-1 if r.logprobs is None else r.logprobs for r in rows], np.int32)}
 
 
-def pack_prompts(ids, batch, eot=EOT):
+def pack_prompts(ids, batch, eot=data.EOT):
     """Prompts -> (tokens [batch, T], lengths [batch]): right-padded to a bucketed length; rows past the
     prompts are one-token dummies."""
     T = bucket(max(map(len, ids)))
@@ -313,30 +403,25 @@ def pack_prompts(ids, batch, eot=EOT):
     return tokens, lengths
 
 
-def pack(rows, mesh=None, eot=EOT, n_vocab=VOCAB):
+def pack(rows, mesh=None, eot=data.EOT, n_vocab=VOCAB):
     """Rows -> generate's (tokens, lengths, knobs, limit) and steps, padded to bucketed shapes: each prompt on
     the right, the batch with dummy rows to a bucket that the mesh's dp divides."""
-    dp = 1 if mesh is None else mesh.shape[shard.DP]
-    B = -(-bucket(len(rows), 1) // dp) * dp
+    B = batch_rows(bucket(len(rows), 1), mesh)
     rows = rows + [Row([eot], 1)] * (B - len(rows))
     tokens, lengths = pack_prompts([r.ids for r in rows], B, eot)
     return tokens, lengths, knobs(rows, n_vocab), np.array([r.max_new for r in rows], np.int32), \
         bucket(max(r.max_new for r in rows))
 
 
-def put(tree, mesh=None):
-    """Host arrays onto the device, or replicated over the mesh: inputs that many compiled calls reuse."""
-    return jax.device_put(tree, None if mesh is None else NamedSharding(mesh, P()))
-
-
-def complete(params, cfg, rows, *, mesh=None, on_step=None, eot=EOT, linear=gptj.dense):
+def complete(params, cfg, rows, *, mesh=None, on_step=None, eot=data.EOT, linear=gptj.dense, chunk=CHUNK):
     """Generate every row in one batch, padded to bucketed shapes -> list of completion id lists.
 
     params stacked or per layer; on a mesh, placed as shard.param_specs says. Without on_step the whole
-    loop is one compiled `generate`. With on_step(tok, new, done) the same prefill and step run one compiled
-    call at a time, and on_step is called with numpy [rows] arrays after each: new marks the rows that tok
-    extends, and setting done[r] stops row r (a stop string seen, a client gone). linear: gptj.forward's
-    projection hook (LoRA's, for adapters beside frozen weights).
+    loop is one compiled `generate`. With on_step(tok, new, done) the same prefill and steps run a few steps
+    per compiled call (at most `chunk`, as `Pace` says; 1: one step per call), the next call queued before the
+    host reads the last one's tokens, and on_step is called with numpy [rows] arrays for each step: new marks
+    the rows that tok extends, and setting done[r] stops row r (a stop string seen, a client gone): its later
+    tokens are not taken. linear: gptj.forward's projection hook (LoRA's, for adapters beside frozen weights).
     """
     check(rows, cfg)
     real = len(rows)
@@ -347,22 +432,26 @@ def complete(params, cfg, rows, *, mesh=None, on_step=None, eot=EOT, linear=gptj
                                                     linear=linear))
         return [out[b, :n[b]].tolist() for b in range(real)]
     B = len(tokens)
-    outs, n, done = [[] for _ in range(B)], np.zeros(B, np.int32), np.zeros(B, bool)
-    o, cache, counts = prefill(params, tokens, lengths, kn, cfg, tokens.shape[1] + steps, mesh, linear)
-    for i in range(1, steps + 1):
-        # Queue the next step before waiting for this token on the host, so the device never idles.
-        if i < steps:
-            ahead = step(params, o["token"], cache, np.full(B, i, np.int32), counts, kn, ~done, cfg, mesh, linear)
-        tok = np.asarray(o["token"])
-        new, n, done = finish(tok, n, done, limit, eot)
-        for b in np.flatnonzero(new):
-            outs[b].append(int(tok[b]))
-        on_step(tok[:real], new[:real], done[:real])
-        if done.all():
+    outs, n, done, pace = [[] for _ in range(B)], np.zeros(B, np.int32), np.zeros(B, bool), Pace(chunk)
+    out, batch = prefill(params, tokens, lengths, kn, limit, np.full(B, eot, np.int32), cfg, tokens.shape[1] + steps,
+                         mesh, linear)
+    while True:
+        # Queue the next steps before waiting for these tokens on the host, so the device never idles.
+        ahead = step(params, batch, ~done, np.int32(pace.next(B)), cfg, mesh, linear)
+        tok, made = shard.host(out["token"]), shard.host(out["made"])
+        pace.read(B, int(made.max()))
+        for i in range(made.max()):
+            new, n, done = finish(tok[:, i], n, done | (made <= i), limit, eot)
+            for b in np.flatnonzero(new):
+                outs[b].append(int(tok[b, i]))
+            on_step(tok[:real, i], new[:real], done[:real])
+        if done.all() or not made.any():
             break
-        o, cache, counts = ahead
+        out, batch = ahead
     return outs[:real]
 
+
+# ---------------------------------------------------------------- text
 
 def token_bytes(enc, token) -> bytes:
     """A token's bytes; the padding ids past the tokenizer's vocabulary have none."""
@@ -413,49 +502,3 @@ class Text:
     def _show(self, upto):
         delta, self.shown = self.text[self.shown:upto], max(self.shown, upto)
         return delta
-
-
-# ---------------------------------------------------------------- a batch that rows join and leave (serve.py)
-
-def _rows_put(a, b, slots):
-    """Rows b into a's rows `slots` (slots past a's batch are dropped); cache k/v: into the first slots."""
-    if a.ndim == 5:  # stacked k/v [layers, batch, heads, cache_len, d_head]
-        return a.at[:, slots, :, :b.shape[3]].set(b, mode="drop")
-    if a.ndim == 4:  # per-layer k/v [batch, heads, cache_len, d_head]
-        return a.at[slots, :, :b.shape[2]].set(b, mode="drop")
-    return a.at[slots].set(b, mode="drop")
-
-
-@jax.jit
-def rows_of(new):
-    """Freshly prefilled rows ({"cache", "counts", "tok", "knobs"}), one pytree of one row each: inserted one by
-    one, they compile per (batch, cache) shape, not per pair of that and the prefill's batch size."""
-    one = lambda i: lambda x: x[:, i:i + 1] if x.ndim == 5 else x[i:i + 1]
-    return [jax.tree.map(one(i), new) for i in range(new["tok"].shape[0])]
-
-
-@partial(jax.jit, static_argnames=("mesh",), donate_argnames=("cache", "counts"))
-def insert(cache, counts, tok, knobs, new, slots, mesh=None):
-    """Put freshly prefilled rows into a running batch: its cache, counts [B, V], last tokens [B] and knobs.
-    new: {"cache", "counts", "tok", "knobs"} of the new rows (prefill's cache may have fewer slots per row);
-    slots [rows]: where each goes, or the batch size for a padding row (dropped)."""
-    put = lambda a, b: _rows_put(a, b, slots)
-    cache = _split_cache(jax.tree.map(put, cache, new["cache"]), mesh)
-    return cache, put(counts, new["counts"]), put(tok, new["tok"]), jax.tree.map(put, knobs, new["knobs"])
-
-
-@partial(jax.jit, static_argnames=("length", "mesh"))  # no donation: the new arrays have other sizes
-def regroup(cache, counts, tok, knobs, order, length, mesh=None):
-    """A running batch rebuilt: row r of the new one is row order[r] of the old one (an index past the old
-    batch: an empty row), and the cache has `length` slots per row, grown with empty ones or cut after
-    those in use. So the batch and its cache shrink when rows leave, and grow when more join."""
-    take = lambda x, axis: jnp.take(x, order, axis, mode="fill", fill_value=0)
-
-    def fit(x):  # k/v: [layers,] batch, heads, cache_len, d_head
-        x = take(x, x.ndim - 4)
-        n = x.shape[-2]
-        if length <= n:
-            return x[..., :length, :]
-        return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, length - n), (0, 0)])
-    cache = {"k": jax.tree.map(fit, cache["k"]), "v": jax.tree.map(fit, cache["v"]), "length": take(cache["length"], 0)}
-    return _split_cache(cache, mesh), take(counts, 0), take(tok, 0), jax.tree.map(lambda x: take(x, 0), knobs)

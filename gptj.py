@@ -3,12 +3,16 @@
 Standalone: imports only jax, numpy and the stdlib, so this file can be copied into another project.
 Every function runs unsharded by default. Under `jax.shard_map` with the weights split Megatron-style
 over a model-parallel mesh axis, pass that axis name as `mp=` and the same code computes its shard and
-all-reduces with explicit `psum`s (see shard.py).
+all-reduces with explicit `psum`s (see shard.py). Two more splits, for training models too big to replicate:
+`fsdp=` names the axis every weight's "embed" axis is split over (each layer all-gathers its own weights just
+before use, and again in the backward pass), and `sequence_parallel=True` splits the residual stream along the
+sequence over `mp` between layers.
 
 The params are a nested dict declared once, in PARAMS below.
 """
 import dataclasses
 import math
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -132,6 +136,66 @@ def _psum(x, mp):
     return x if mp is None else lax.psum(x, mp)
 
 
+def _reduce(x, mp, sequence_parallel):
+    """Sum the devices' partial [batch, seq, d_model] outputs: each keeps the whole (psum) or, sequence parallel,
+    its own chunk of the sequence (reduce-scatter: the same bytes on the links, 1/mp of the result kept)."""
+    if mp is not None and sequence_parallel:
+        return lax.psum_scatter(x, mp, scatter_dimension=1, tiled=True)
+    return _psum(x, mp)
+
+
+def _whole_sequence(x, mp, sequence_parallel):
+    """[batch, seq / mp, d] chunks -> [batch, seq, d] on every device, where the residual stream is split."""
+    return lax.all_gather(x, mp, axis=1, tiled=True) if mp is not None and sequence_parallel else x
+
+
+def gather_weights(p, prefix: str, fsdp, dtype):
+    """FSDP: the weights of `p` (the subtree of PARAMS under `prefix`, "h." for one layer's) arrive split over the
+    `fsdp` mesh axis along their "embed" axis; all-gather each whole. Matrices travel in the compute dtype, half
+    the bytes of the fp32 masters and the values dense() would cast them to anyway; vectors (LayerNorm, biases)
+    stay fp32. Leaves PARAMS does not declare (a linear hook's own, such as LoRA's adapters) arrive whole."""
+    if fsdp is None:
+        return p
+
+    def gather(path, x):
+        name = prefix + ".".join(str(k.key) for k in path)
+        axes = PARAMS[name][0][1 if prefix == "h." else 0:] if name in PARAMS else ()
+        if "embed" not in axes:
+            return x
+        return _all_gather(x, fsdp, axes.index("embed"), jnp.dtype(dtype) if x.ndim >= 2 else x.dtype, x.dtype)
+    return jax.tree_util.tree_map_with_path(gather, p)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4))
+def _all_gather(x, axis_name, axis: int, dtype, master_dtype):
+    """x's shards, whole in `dtype`. The gradient comes back as its transpose, a reduce-scatter, but in x's own
+    dtype (fp32 for master weights): the dp replicas' gradients are summed in fp32 as without FSDP, not rounded
+    to bf16 at each step of the reduction."""
+    return lax.all_gather(x.astype(dtype), axis_name, axis=axis, tiled=True)
+
+
+def _all_gather_fwd(x, axis_name, axis, dtype, master_dtype):
+    return _all_gather(x, axis_name, axis, dtype, master_dtype), None
+
+
+def _all_gather_bwd(axis_name, axis, dtype, master_dtype, _, g):
+    return (lax.psum_scatter(g.astype(master_dtype), axis_name, scatter_dimension=axis, tiled=True),)
+
+
+_all_gather.defvjp(_all_gather_fwd, _all_gather_bwd)
+
+
+# What remat does not save when FSDP or sequence parallelism gathers: the all-gathers' results (FSDP's is the
+# custom_vjp _all_gather), and pvary's, which only retype them (as differing across devices; no data moves).
+_REGATHERED = ("all_gather", "custom_vjp_call", "pvary")
+
+
+def _not_gathered(prim, *_, **__) -> bool:
+    """A remat policy: save what the backward pass needs, except what all-gathers made (FSDP's weights, sequence
+    parallel's whole-sequence activations): gathered again, they never stay whole for all layers at once."""
+    return prim.name not in _REGATHERED
+
+
 def layer_norm(x, p, eps):
     x = x.astype(jnp.float32)
     mean = x.mean(-1, keepdims=True)
@@ -162,7 +226,7 @@ def apply_rotary(x, sin, cos):
 def attention(q, k, v, mask):
     """q [batch, heads, seq, d_head], k/v [batch, heads, keys, d_head], mask [batch, seq, keys] -> [batch, seq,
     heads, d_head]. Heads-major, so that both products batch over leading axes: XLA:CPU transposes any
-    other layout first, which made a decoding step's attention over the cache 5x slower."""
+    other layout first, a copy of the whole cache in every decoding step."""
     scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
     scores = jnp.where(mask[:, None], scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
@@ -175,18 +239,21 @@ def dense(x, p):
     return x @ p["weight"].astype(x.dtype)
 
 
-def block(x, p, cfg: Config, sin, cos, mask, kv=None, index=None, mp=None, linear=dense):
+def block(x, p, cfg: Config, sin, cos, mask, kv=None, index=None, mp=None, linear=dense, sequence_parallel=False):
     """One GPT-J layer: x + attn(ln_1(x)) + mlp(ln_1(x)), both branches from ONE LayerNorm.
 
     With `mp`, p holds this device's heads and d_ff slice; the two partial branch outputs are summed and
     all-reduced together with one psum (the parallel residual allows it), then fc_out's bias added once.
+    sequence_parallel: x is this device's chunk of the sequence; ln_1(x) is all-gathered along the sequence
+    (ONE all-gather feeds q, k, v and fc_in) and the psum becomes a reduce-scatter back to the chunk.
     kv: this layer's cache (k, v) [batch, heads, cache_len, d_head]; row b writes at slot index[b] onwards.
     """
     dt = x.dtype
-    B, T, _ = x.shape
+    h = _whole_sequence(layer_norm(x, p["ln_1"], cfg.layer_norm_eps).astype(dt), mp, sequence_parallel)
+    B, T, _ = h.shape
     # Matmuls on [batch * seq, features]: from 3-D activations XLA:CPU transposes each activation gradient
     # before computing a weight gradient, a copy per matmul (a third of the lm_head's backward pass).
-    h = layer_norm(x, p["ln_1"], cfg.layer_norm_eps).astype(dt).reshape(B * T, -1)
+    h = h.reshape(B * T, -1)
     q, k, v = (linear(h, p[n]).reshape(B, T, -1, cfg.d_head) for n in ("q_proj", "k_proj", "v_proj"))
     q, k, v = (x.transpose(0, 2, 1, 3) for x in (apply_rotary(q, sin, cos), apply_rotary(k, sin, cos), v))
     if kv is not None:
@@ -195,28 +262,31 @@ def block(x, p, cfg: Config, sin, cos, mask, kv=None, index=None, mp=None, linea
         k, v = kv = (write(kv[0], k, index), write(kv[1], v, index))
     attn = linear(attention(q, k.astype(dt), v.astype(dt), mask).reshape(B * T, -1), p["out_proj"])
     ff = linear(jax.nn.gelu(linear(h, p["fc_in"]) + p["fc_in"]["bias"].astype(dt), approximate=True), p["fc_out"])
-    return x + _psum(attn + ff, mp).reshape(B, T, -1) + p["fc_out"]["bias"].astype(dt), kv
+    return x + _reduce((attn + ff).reshape(B, T, -1), mp, sequence_parallel) + p["fc_out"]["bias"].astype(dt), kv
 
 
-def embed(wte, tokens, mp=None):
+def embed(wte, tokens, mp=None, sequence_parallel=False):
     """Look up token rows; an id outside the table embeds as zeros, on one device as on many (callers check
     ids). With `mp`, wte holds a contiguous slice of vocab rows: each device looks up the ids it owns, zeros
-    elsewhere, and one psum assembles the embeddings (no one-hot matmul)."""
+    elsewhere, and one psum assembles the embeddings (no one-hot matmul); sequence parallel, a reduce-scatter
+    leaves each device its chunk of the sequence."""
     rows = wte.shape[0]
     local = tokens if mp is None else tokens - lax.axis_index(mp) * rows
     owned = (local >= 0) & (local < rows)
-    return _psum(jnp.where(owned[..., None], wte[jnp.clip(local, 0, rows - 1)], 0), mp)
+    return _reduce(jnp.where(owned[..., None], wte[jnp.clip(local, 0, rows - 1)], 0), mp, sequence_parallel)
 
 
-def forward(params, tokens, cfg: Config, *, cache=None, mp=None, linear=dense):
+def forward(params, tokens, cfg: Config, *, cache=None, mp=None, linear=dense, fsdp=None, sequence_parallel=False):
     """tokens [batch, seq] int -> (logits [batch, seq, n_vocab] fp32, updated cache or None).
 
     params["h"] is stacked (run with lax.scan) or a list of per-layer dicts (run unrolled; the cache then
     per_layer too). Without a cache, seq is at most n_ctx. cache: from init_cache; row b's tokens take the
     positions and slots from cache["length"][b] on, so the rows of a batch can be at different points of
     their texts. Each row must have room for the tokens: inside jit that cannot raise, so a row that overflows
-    gets NaN logits (its write, clamped into the cache, overwrote its newest keys), never a silent answer. With `mp`, logits are this device's vocab slice.
-    linear(x, p): how each layer projection is computed from its params (default dense).
+    gets NaN logits (its write, clamped into the cache, overwrote its newest keys), never a silent answer.
+    With `mp`, logits are this device's vocab slice. linear(x, p): how each layer projection is computed from
+    its params (default dense). fsdp, sequence_parallel: the training splits of the module docstring; the
+    logits come out whole along the sequence either way.
     """
     B, T = tokens.shape
     n_slots = T if cache is None else jax.tree.leaves(cache["k"])[0].shape[-2]
@@ -231,11 +301,15 @@ def forward(params, tokens, cfg: Config, *, cache=None, mp=None, linear=dense):
 
     def layer(x, inputs):
         p, kv = inputs
-        return block(x, p, cfg, sin, cos, mask, kv, offset, mp, linear)
+        p = gather_weights(p, "h.", fsdp, dt)
+        return block(x, p, cfg, sin, cos, mask, kv, offset, mp, linear, sequence_parallel)
 
     if cfg.remat:
         layer = jax.checkpoint(layer, prevent_cse=False)
-    x = embed(params["wte"], tokens, mp).astype(dt)
+    elif fsdp is not None or sequence_parallel:
+        layer = jax.checkpoint(layer, prevent_cse=False, policy=_not_gathered)
+    top = gather_weights({k: v for k, v in params.items() if k != "h"}, "", fsdp, dt)
+    x = embed(top["wte"], tokens, mp, sequence_parallel).astype(dt)
     kv = None if cache is None else (cache["k"], cache["v"])
     if isinstance(params["h"], list):
         # Per-layer weights and cache: an unrolled loop. From stacked weights XLA on GPUs copies each layer's
@@ -247,8 +321,9 @@ def forward(params, tokens, cfg: Config, *, cache=None, mp=None, linear=dense):
         kv = None if kv is None else ([k for k, _ in new_kv], [v for _, v in new_kv])
     else:
         x, kv = lax.scan(layer, x, (params["h"], kv))
-    x = layer_norm(x, params["ln_f"], cfg.layer_norm_eps).astype(dt).reshape(B * T, -1)
-    head = params["lm_head"]
+    x = layer_norm(x, top["ln_f"], cfg.layer_norm_eps).astype(dt)
+    x = _whole_sequence(x, mp, sequence_parallel).reshape(B * T, -1)
+    head = top["lm_head"]
     logits = jnp.dot(x, head["weight"].astype(dt), preferred_element_type=jnp.float32) + head["bias"]
     logits = logits.reshape(B, T, -1)
     if cache is not None:

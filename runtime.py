@@ -27,12 +27,11 @@ def keep_freed_host_memory() -> bool:
     """Have glibc keep freed memory for reuse rather than hand it back to the kernel; True if it took.
 
     XLA:CPU allocates a program's buffers afresh on every call and glibc serves big ones with new mmaps,
-    so each step faults in and zeroes every 4 KiB page of every temporary again: a third of the default
-    training step on a 2-core CPU. With one arena, no mmap and no trimming, freed buffers are reused: the
-    heap grows over the first steps, then stays at its high-water mark, as a framework's caching allocator
-    would. (Trimming above 2 GiB still gave 1.7 GB back every other step of a 64M-parameter model.)
-    Takes effect only before JAX starts its threads: call it first in a program. It does nothing where the
-    C library is not glibc.
+    so each step faults in and zeroes every 4 KiB page of every temporary again. With one arena, no mmap and
+    no trimming, freed buffers are reused: the heap grows over the first steps, then stays at its high-water
+    mark, as a framework's caching allocator would. Trimming above a threshold instead still hands large
+    blocks back on some steps (docs/performance.md has the figures). Takes effect only before JAX starts its
+    threads: call it first in a program. It does nothing where the C library is not glibc.
     """
     if not GLIBC:
         return False
@@ -41,17 +40,31 @@ def keep_freed_host_memory() -> bool:
     return all(libc.mallopt(k, v) == 1 for k, v in [(M_ARENA_MAX, 1), (M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)])
 
 
+# Collectives overlapped with compute, where FSDP's per-layer all-gathers and reduce-scatters and sequence
+# parallel's would otherwise stall the matrix units: on TPUs async collective fusion runs the next layer's gather
+# and this layer's reduce-scatter beside the matmuls; on GPUs XLA pipelines a loop's all-gathers and
+# reduce-scatters one iteration ahead. (libtpu's further overlap options, multi-step fusion and collectives on the
+# TensorCore, ran out of a v3's sync flags compiling the 6B v3-8 step with sequence parallelism: left out.)
+OVERLAP = {
+    "tpu": {"xla_tpu_enable_async_collective_fusion": True,
+            "xla_tpu_enable_async_collective_fusion_fuse_all_gather": True,
+            "xla_tpu_enable_async_collective_fusion_fuse_reduce_scatter": True},
+    "gpu": {"xla_gpu_enable_pipelined_all_gather": True, "xla_gpu_enable_pipelined_reduce_scatter": True,
+            "xla_gpu_enable_pipelined_all_reduce": True},
+}
+
+
 def compiler_options(device) -> dict:
     """XLA options for programs on `device`'s platform: the training step, and the matmul peak MFU divides by.
 
-    On CPUs: XLA's YNNPACK fusions are turned off. Their reductions over a leading axis (the gradient of every
-    bias and LayerNorm) run on one core and far slower than XLA's own (a 2048 x 50304 column sum: 1.9 s
-    against 0.05 s), and XLA's own matmuls are faster too (a 1024^2 matmul: 210 to 230 GFLOP/s against 175
-    to 200 here). And max/min need not propagate NaNs: the step's maxima are the softmax stabilisers, and a
-    NaN in the logits reaches the loss through the exponentials anyway, where train.py stops on it.
+    On TPUs and GPUs, OVERLAP's. On CPUs: XLA's YNNPACK fusions are turned off, as their reductions over a leading
+    axis (the gradient of every bias and LayerNorm) run on one core, far slower than XLA's own, and XLA's own
+    matmuls are faster too (docs/performance.md has the figures). And max/min need not propagate NaNs: the
+    step's maxima are the softmax stabilisers, and a NaN in the logits reaches the loss through the exponentials
+    anyway, where training stops on it.
     """
     if device.platform != "cpu":
-        return {}
+        return dict(OVERLAP.get("gpu" if device.platform in ("gpu", "cuda", "rocm") else device.platform, {}))
     return {"xla_cpu_experimental_ynn_fusion_type": "", "xla_cpu_enable_fast_min_max": True}
 
 

@@ -9,6 +9,7 @@ Weights are held per layer (decode.unstack), so that each decoding step reads ea
 import argparse
 import dataclasses
 import json
+import os
 import signal
 import sys
 import threading
@@ -22,25 +23,16 @@ import numpy as np
 import data
 import decode
 import gptj
+import perf
 import score
 import serve
 import runtime
 import shard
 
-EOT = data.EOT
 DEFAULT_RUN = "runs/shakespeare"
 
 
 # ---------------------------------------------------------------- benchmark
-
-def _best_time(fn, repeats=3):
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return min(times)
-
 
 def memory_bandwidth(nbytes=None) -> float:
     """The default device's read bandwidth in bytes/s: the best time to sum an array far larger than its caches."""
@@ -48,7 +40,7 @@ def memory_bandwidth(nbytes=None) -> float:
     x = jnp.ones(nbytes // 4, jnp.float32)
     total = jax.jit(jnp.sum)
     total(x).block_until_ready()
-    return nbytes / _best_time(lambda: total(x), 10)
+    return nbytes / perf.best_time(lambda: total(x), 10)
 
 
 def benchmark(params, cfg, batch, max_new, *, mesh=None, prompt=None) -> dict:
@@ -62,23 +54,24 @@ def benchmark(params, cfg, batch, max_new, *, mesh=None, prompt=None) -> dict:
     rows = [decode.Row(ids, max_new)] * batch
     decode.check(rows, cfg)
     tokens, lengths, knobs, limit, steps = decode.pack(rows, mesh, n_vocab=cfg.n_vocab)
-    knobs = decode.put(knobs, mesh)
+    knobs, eot = decode.put(knobs, mesh), np.full(len(tokens), -1, np.int32)
     t = time.perf_counter()
-    prefill = decode.prefill.lower(params, tokens, lengths, knobs, cfg, tokens.shape[1] + steps, mesh).compile()
+    prefill = decode.prefill.lower(params, tokens, lengths, knobs, limit, eot, cfg, tokens.shape[1] + steps,
+                                   mesh).compile()
     loop = decode.generate.lower(params, tokens, lengths, knobs, limit, cfg, steps, mesh=mesh, eot=-1).compile()
     compile_s = time.perf_counter() - t
-    prefill_s = _best_time(lambda: prefill(params, tokens, lengths, knobs))
-    total_s = _best_time(lambda: loop(params, tokens, lengths, knobs, limit, eot=-1))
+    prefill_s = perf.best_time(lambda: prefill(params, tokens, lengths, knobs, limit, eot))
+    total_s = perf.best_time(lambda: loop(params, tokens, lengths, knobs, limit, eot=-1))
     decode_tps = batch * (max_new - 1) / max(total_s - prefill_s, 1e-9)
-    # The path streaming and the server take: one compiled step per token, each token back on the host.
+    # The path streaming and the server take: a few steps per compiled call (decode.Pace), each call's tokens back
+    # on the host while the next runs.
     stream = lambda: decode.complete(params, cfg, rows, mesh=mesh, on_step=lambda *_: None, eot=-1)
     stream()  # compiles its prefill and step
-    stream_s = _best_time(stream)
+    stream_s = perf.best_time(stream)
     # Each step reads every weight but the embedding table, of which it gathers only one row per sequence.
     weights = sum(x.nbytes for x in jax.tree.leaves(params)) - params["wte"].nbytes
     bandwidth = memory_bandwidth()
-    mp = 1 if mesh is None else mesh.shape[shard.MP]  # each of mp devices reads only its slice
-    bound = batch * bandwidth * mp / weights  # dummy rows padding the batch add no tokens
+    bound = batch * bandwidth * decode.mp(mesh) / weights  # each of mp devices reads only its slice  # dummy rows padding the batch add no tokens
     return {"device": jax.devices()[0].device_kind, "dtype": cfg.dtype, "batch": batch, "prompt_tokens": len(ids),
             "new_tokens": max_new, "compile_s": round(compile_s, 3), "time_to_first_token_s": round(prefill_s, 5),
             "prefill_tokens_per_s": round(batch * len(ids) / prefill_s, 1), "decode_tokens_per_s": round(decode_tps, 1),
@@ -124,7 +117,8 @@ def load(args):
             raise ValueError(f"no checkpoint in {DEFAULT_RUN}: train one with `python train.py`, or pass --checkpoint")
         params, cfg = ckpt.load_weights(path, config=args.config, mesh=mesh, dtype=args.dtype)
         cfg = dataclasses.replace(cfg, dtype=args.dtype)
-    return decode.unstack(params, free=True), cfg, mesh
+    # On the device: weights left in host memory would be copied to it on every compiled call (every step).
+    return decode.unstack(decode.place(params, mesh), free=True), cfg, mesh
 
 
 def model_name(args) -> str:
@@ -164,6 +158,11 @@ def parse_args(argv=None):
     p.add_argument("--model_name", help="the model's id in the API (default: from the checkpoint or preset)")
     p.add_argument("--allow_origin", action="append", default=[], metavar="ORIGIN",
                    help="repeatable: a web origin (https://example.org) whose pages may call the API from a browser")
+    p.add_argument("--lazy_compile", action="store_true",
+                   help="with --serve: compile each shape when traffic first meets it, not all before serving")
+    p.add_argument("--compile_cache", default=default_compile_cache(), metavar="DIR",
+                   help="JAX's persistent compilation cache: compiled programs kept for the next run ('none': "
+                        "off; default %(default)s)")
     args = p.parse_args(argv)
     checks = [(args.max_new_tokens >= 1, "--max_new_tokens must be at least 1"),
               (args.temperature >= 0, "--temperature must be >= 0"), (0 < args.top_p <= 1, "--top_p must be in (0, 1]"),
@@ -174,6 +173,28 @@ def parse_args(argv=None):
         if not ok:
             raise ValueError(msg)
     return args
+
+
+def default_compile_cache() -> str:
+    """$JAX_COMPILATION_CACHE_DIR if set, else gptj-jax/xla in the user's cache folder ($XDG_CACHE_HOME or
+    ~/.cache)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(base, "gptj-jax", "xla")
+
+
+def use_compile_cache(path):
+    """Keep every compiled program in `path` (JAX's persistent compilation cache), so that a restarted server or a
+    repeated run reads them back instead of compiling again; 'none' turns the cache off. Before the first compile."""
+    if path == "none":
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
+    os.makedirs(path, exist_ok=True)
+    if jax.config.jax_compilation_cache_dir != path:
+        jax.config.update("jax_compilation_cache_dir", path)
+    # Every program, however quick to compile: a server compiles many small ones before it serves.
+    for name in ("jax_persistent_cache_min_compile_time_secs", "jax_persistent_cache_min_entry_size_bytes"):
+        if name.upper() not in os.environ:
+            jax.config.update(name, 0)
 
 
 def read_prompts(args) -> list:
@@ -234,6 +255,7 @@ def run(args, out=None):
         texts = [x.get("text") if isinstance(x, dict) else None for x in _jsonl(args.lambada)]
         if not all(isinstance(t, str) for t in texts):
             raise ValueError(f'{args.lambada}: each line must be an object with a string "text"')
+    use_compile_cache(args.compile_cache)
     params, cfg, mesh = load(args)
     kw = dict(mesh=mesh, batch_size=args.batch_size)
     if args.score:
@@ -248,7 +270,15 @@ def run(args, out=None):
         stop = threading.Event()
         signal.signal(signal.SIGTERM, lambda *_: stop.set())  # before the line below: a client may act on it at once
         server = serve.serve(params, cfg, args.host, args.port, mesh=mesh, enc=enc, slots=args.batch_size,
-                             model_name=args.model_name or model_name(args), allow_origin=args.allow_origin)
+                             model_name=args.model_name or model_name(args), allow_origin=args.allow_origin,
+                             compile_all=not args.lazy_compile)
+        while not server.ready.wait(0.5):  # /health answers 503 until then
+            if stop.is_set():
+                server.close()
+                return
+        if server.compile_s is not None:
+            print(f"compiled every shape in {server.compile_s:.1f} s (cache: {args.compile_cache})", file=sys.stderr,
+                  flush=True)
         print(f"serving http://{args.host}:{server.server_address[1]}/v1/completions (the playground: "
               f"http://{args.host}:{server.server_address[1]}/); SIGTERM or Ctrl-C stops", file=sys.stderr, flush=True)
         try:

@@ -12,16 +12,17 @@ import numpy as np
 
 import data
 import decode
-
-EOT = data.EOT
+import sampling
 
 
 @partial(jax.jit, static_argnames=("cfg", "mesh", "k"))
-def _token_scores(params, seqs, cfg, mesh=None, k=0):
+def batch_scores(params, seqs, cfg, mesh=None, k=0):
+    """One batch of token_scores: seqs [B, T + 1] -> logprob, greedy [B, T] (and top_ids, top_logprobs [B, T, k])
+    for each token after the first."""
     logits, _ = decode.forward(params, seqs[:, :-1], cfg, mesh)
-    out = decode.token_logprobs(logits, seqs[:, 1:], k)
+    out = sampling.token_logprobs(logits, seqs[:, 1:], k)
     # Over the whole logit vector, padding ids included, as lm-evaluation-harness scores HF's GPT-J.
-    out["greedy"] = decode.argmax(logits) == seqs[:, 1:]
+    out["greedy"] = sampling.argmax(logits) == seqs[:, 1:]
     return out
 
 
@@ -30,8 +31,7 @@ def token_scores(params, cfg, seqs, *, mesh=None, batch_size=8, k=0) -> list:
     whether it is the argmax; with k, the k likeliest ids and their logprobs. A dict of numpy arrays each,
     [len(seq) - 1] (top_ids, top_logprobs [len(seq) - 1, k]). Sequences of similar length are batched,
     right-padded to a bucketed length; each is at most n_ctx + 1 tokens."""
-    dp = 1 if mesh is None else mesh.shape["dp"]
-    batch_size = -(-batch_size // dp) * dp
+    batch_size = decode.batch_rows(batch_size, mesh)
     results = [None] * len(seqs)
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     for lo in range(0, len(order), batch_size):
@@ -40,13 +40,13 @@ def token_scores(params, cfg, seqs, *, mesh=None, batch_size=8, k=0) -> list:
         batch = np.zeros((batch_size, length + 1), np.int32)
         for b, i in enumerate(idx):
             batch[b, :len(seqs[i])] = seqs[i]
-        out = jax.tree.map(np.asarray, _token_scores(params, batch, cfg, mesh, k))
+        out = jax.tree.map(np.asarray, batch_scores(params, batch, cfg, mesh, k))
         for b, i in enumerate(idx):
             results[i] = {name: x[b, :len(seqs[i]) - 1] for name, x in out.items()}
     return results
 
 
-def rolling_windows(tokens, n_ctx, prefix=EOT):
+def rolling_windows(tokens, n_ctx, prefix=data.EOT):
     """lm-evaluation-harness's rolling windows (max_seq_len n_ctx, context_len 1) as (seq, n) rows: the model
     reads seq[:-1] and its last n predictions score tokens, each token of `tokens` exactly once. The first
     window is conditioned on `prefix`, the later ones on as many preceding tokens as fit."""
@@ -83,7 +83,7 @@ def lambada_row(text, enc, n_ctx):
     context, _, word = text.rpartition(" ")
     ctx = enc.encode_ordinary(context)
     target = enc.encode_ordinary(context + " " + word)[len(ctx):]
-    seq = ((ctx or [EOT]) + target)[-(n_ctx + 1):]  # too long: keep the end, as the harness does
+    seq = ((ctx or [data.EOT]) + target)[-(n_ctx + 1):]  # too long: keep the end, as the harness does
     return seq, min(len(target), len(seq) - 1)
 
 

@@ -7,6 +7,12 @@ The mesh has axes ('dp', 'mp'). Batches split over 'dp'. Weights split over 'mp'
     lm_head             by vocab columns (the loss reduces the vocab slices with pmax/psum)
 LayerNorms and fc_out's bias are replicated. The mesh, the model's partition specs and the shard_map wrappers
 live here.
+
+Two splits for training what one device cannot hold (docs/training.md#scaling):
+    fsdp               every weight is also split over 'dp' along its embed axis (fp32 masters, gradients and
+                       optimizer state alike); each layer all-gathers its weights inside the layer loop
+                       (gptj.gather_weights), whose transpose, a reduce-scatter, delivers gradients already split
+    sequence_parallel  the residual stream between layers is split over 'mp' along the sequence
 """
 import jax
 import jax.numpy as jnp
@@ -49,9 +55,13 @@ def host_order(devices: list, mp: int, hosts: dict | None = None) -> list:
     ordered = sorted(by_process, key=lambda d: rank[host_of(d)])  # stable: process, then id, within a host
     for host in rank:
         n = sum(host_of(d) == host for d in ordered)
-        if n % mp:
-            raise ValueError(f"cores_per_replica={mp} cannot be placed: {host} has {n} devices, and a model replica "
-                             f"stays within one host: choose a divisor of {n}")
+        if n % mp == 0:
+            continue
+        if getattr(ordered[0], "platform", None) == "tpu" and mp % n == 0:
+            continue  # ICI links a TPU slice's hosts as fast as a host's own chips: a replica may span whole hosts
+        raise ValueError(f"cores_per_replica={mp} cannot be placed: {host} has {n} devices, and a model replica "
+                         f"stays within one host (its mp collectives run every layer, and links between hosts are "
+                         f"slow outside a TPU slice): choose a divisor of {n}")
     return ordered
 
 
@@ -66,14 +76,20 @@ def local_rows(sharding, shape, axis: int) -> slice:
     return slice(start, stop)
 
 
-def check(cfg: gptj.Config, mesh: Mesh, batch: int | None = None):
-    """Raise a ValueError naming the first split that does not divide evenly."""
+def check(cfg: gptj.Config, mesh: Mesh, batch: int | None = None, seq: int | None = None, fsdp=False):
+    """Raise a ValueError naming the first split that does not divide evenly. seq: sequence parallel's length."""
     mp, dp = mesh.shape[MP], mesh.shape[DP]
     for name, size in [("n_head", cfg.n_head), ("d_ff", cfg.d_ff), ("n_vocab", cfg.n_vocab)]:
         if size % mp:
             raise ValueError(f"{name}={size} is not divisible by mp={mp}: choose mp dividing it")
     if batch is not None and batch % dp:
         raise ValueError(f"batch size {batch} is not divisible by dp={dp}: use a multiple of {dp}")
+    if fsdp and cfg.d_model % dp:
+        raise ValueError(f"fsdp splits d_model={cfg.d_model} over dp={dp}, which does not divide it: choose "
+                         f"cores_per_replica so that dp does, or fsdp false")
+    if seq is not None and seq % mp:
+        raise ValueError(f"sequence_parallel splits seq={seq} over mp={mp}, which does not divide it: choose seq "
+                         f"a multiple of {mp}, or sequence_parallel false")
 
 
 # Logical axes split over 'mp' (of gptj.PARAMS's, and of any other a leaf_axes function names, such as LoRA's
@@ -86,18 +102,21 @@ def model_axes(name: str) -> tuple:
     return gptj.PARAMS[name][0]
 
 
-def param_specs(params=None, leaf_axes=model_axes) -> dict:
+def param_specs(params=None, leaf_axes=model_axes, fsdp=False) -> dict:
     """PartitionSpecs for a params pytree (default: gptj's whole tree), each from its leaf's logical axes:
     leaf_axes("h.q_proj.weight") -> ("layers", "embed", "heads"). A tree with leaves of its own (lora.py's adapters)
     passes a leaf_axes that knows them. Stacked layers keep their leading layer axis whole; per-layer params
-    (decode.unstack: lists of layers) have no layer axis."""
+    (decode.unstack: lists of layers) have no layer axis. fsdp: gptj's own leaves also split their embed axis
+    over 'dp', as gptj.gather_weights expects them."""
     if params is None:
         params = gptj.nest(dict.fromkeys(gptj.PARAMS, 0))
 
     def spec(path, _):
         per_layer = any(isinstance(k, jax.tree_util.SequenceKey) for k in path)
-        axes = leaf_axes(".".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)))
-        return P(*(MP if a in MP_AXES else None for a in (axes[1:] if per_layer else axes)))
+        name = ".".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+        axes = leaf_axes(name)
+        split = lambda a: MP if a in MP_AXES else DP if fsdp and a == "embed" and name in gptj.PARAMS else None
+        return P(*map(split, axes[1:] if per_layer else axes))
     return jax.tree_util.tree_map_with_path(spec, params)
 
 
@@ -110,8 +129,11 @@ def cache_specs(cache) -> dict:
 
 
 def zero_spec(spec: P, shape, dp: int) -> P:
-    """ZeRO-1: additionally split an optimizer-state leaf over 'dp' on its first free dimension that divides."""
+    """ZeRO-1: additionally split an optimizer-state leaf over 'dp' on its first free dimension that divides (a
+    leaf of an FSDP param is split over 'dp' already)."""
     axes = list(spec) + [None] * (len(shape) - len(spec))
+    if DP in axes:
+        return P(*axes)
     for i, (ax, n) in enumerate(zip(axes, shape)):
         if ax is None and n % dp == 0 and n >= dp:
             axes[i] = DP
@@ -146,33 +168,41 @@ def _axes_of(linear):
     return getattr(linear, "leaf_axes", model_axes)
 
 
-def forward(params, tokens, cfg: gptj.Config, mesh: Mesh, cache=None, linear=gptj.dense):
-    """gptj.forward on the mesh: logits [batch, seq, n_vocab] split over (dp, -, mp); cache split likewise."""
-    check(cfg, mesh, tokens.shape[0])
+def forward(params, tokens, cfg: gptj.Config, mesh: Mesh, cache=None, linear=gptj.dense, fsdp=False,
+            sequence_parallel=False):
+    """gptj.forward on the mesh: logits [batch, seq, n_vocab] split over (dp, -, mp); cache split likewise.
+    fsdp, sequence_parallel: as loss_fn, for training's forward passes (decoding keeps the psum path)."""
+    if sequence_parallel and cache is not None:
+        raise ValueError("sequence_parallel is for training: decode with a cache without it")
+    check(cfg, mesh, tokens.shape[0], tokens.shape[1] if sequence_parallel else None, fsdp)
 
     def local(params, tokens, cache):
-        return gptj.forward(params, tokens, cfg, cache=cache, mp=MP, linear=linear)
+        return gptj.forward(params, tokens, cfg, cache=cache, mp=MP, linear=linear, fsdp=DP if fsdp else None,
+                            sequence_parallel=sequence_parallel)
 
     cache_spec = None if cache is None else cache_specs(cache)
     return jax.shard_map(
         local, mesh=mesh,
-        in_specs=(param_specs(params, _axes_of(linear)), P(DP, None), cache_spec),
+        in_specs=(param_specs(params, _axes_of(linear), fsdp), P(DP, None), cache_spec),
         out_specs=(P(DP, None, MP), cache_spec),
     )(params, tokens, cache)
 
 
-def loss_fn(params, tokens, cfg: gptj.Config, mesh: Mesh, mask=None, z_loss=0.0, linear=gptj.dense):
-    """gptj.loss_fn on the mesh: the mean over all dp shards' unmasked tokens, vocab never gathered."""
-    check(cfg, mesh, tokens.shape[0])
+def loss_fn(params, tokens, cfg: gptj.Config, mesh: Mesh, mask=None, z_loss=0.0, linear=gptj.dense, fsdp=False,
+            sequence_parallel=False):
+    """gptj.loss_fn on the mesh: the mean over all dp shards' unmasked tokens, vocab never gathered. fsdp: params
+    come split as param_specs(..., fsdp=True) says, and their gradients leave split the same way."""
+    check(cfg, mesh, tokens.shape[0], tokens.shape[1] - 1 if sequence_parallel else None, fsdp)
     mask = jnp.ones((tokens.shape[0], tokens.shape[1] - 1), jnp.float32) if mask is None else mask
 
     def local(params, tokens, mask):
-        logits, _ = gptj.forward(params, tokens[:, :-1], cfg, mp=MP, linear=linear)
+        logits, _ = gptj.forward(params, tokens[:, :-1], cfg, mp=MP, linear=linear, fsdp=DP if fsdp else None,
+                                 sequence_parallel=sequence_parallel)
         losses = gptj.cross_entropy(logits, tokens[:, 1:], z_loss, mp=MP)
         mask = mask.astype(jnp.float32)
         total, count = jax.lax.psum(((losses * mask).sum(), mask.sum()), DP)
         return total / jnp.maximum(count, 1.0)
 
-    return jax.shard_map(
-        local, mesh=mesh, in_specs=(param_specs(params, _axes_of(linear)), P(DP, None), P(DP, None)), out_specs=P(),
-    )(params, tokens, mask)
+    specs = param_specs(params, _axes_of(linear), fsdp)
+    return jax.shard_map(local, mesh=mesh, in_specs=(specs, P(DP, None), P(DP, None)), out_specs=P(),
+                         )(params, tokens, mask)

@@ -63,8 +63,10 @@ def quotient_bounds(a, b, half):
 
 
 def test_load_probe_reports_the_server_under_load_against_a_request_alone():
+    # --lazy_compile: what is tested is the probe, not the server's start-up (test_sample's and test_serve's), and
+    # the probe's warm-up meets the shapes its measured rounds need.
     res = run([sys.executable, os.path.join(ROOT, "bench", "load.py"), "--preset", "tiny", "--requests", "4",
-               "--max_tokens", "6", "--interval", "0.005"])
+               "--max_tokens", "6", "--interval", "0.005", "--lazy_compile"])
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.splitlines()[-1])
     assert got["requests"] == 4 and got["max_tokens"] == 6
@@ -84,9 +86,10 @@ def test_load_probe_reports_the_server_under_load_against_a_request_alone():
         low, high = quotient_bounds(got[num], got[den], 5e-5)
         assert low - 0.005 <= got[ratio] <= high + 0.005, (ratio, got)
     # ... and goals_met is what the printed ratios say against the documented goals (load.py's docstring, the
-    # serving table, docs/serving.md): first token p90 at most 10x a request alone's, latency p50 at most 3x, throughput
-    # at least 2x one stream's.
-    assert got["goals_met"] == (got["ttft_p90_vs_alone"] <= 10 and got["latency_p50_vs_alone"] <= 3
+    # serving table, docs/serving.md): first token p90 at most 10x a request alone's, latency p50 at most 4x (on a
+    # CPU, the default; 3x on an accelerator, --latency_goal 3), throughput at least 2x one stream's.
+    assert got["latency_goal"] == 4
+    assert got["goals_met"] == (got["ttft_p90_vs_alone"] <= 10 and got["latency_p50_vs_alone"] <= 4
                                 and got["throughput_vs_one_stream"] >= 2), got
     assert (got["cpu_stolen"] is None) == (not os.path.exists("/proc/stat")), got  # read from Linux's /proc/stat
     assert got["cpu_stolen"] is None or 0 <= got["cpu_stolen"] < 1

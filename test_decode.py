@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+import data
 import decode
+import sampling
 import shard
 
 
@@ -67,10 +69,10 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(cfg, promp
 
 
 def test_generate_is_compiled_once_per_shape(cfg, layered):
-    rows = [decode.Row([decode.EOT] * n, 16) for n in (3, 1, 4, 2)]
+    rows = [decode.Row([data.EOT] * n, 16) for n in (3, 1, 4, 2)]
     tokens, lengths, knobs, limit, steps = decode.pack(rows, n_vocab=cfg.n_vocab)
     kw = dict(mesh=None)  # as complete() passes it: a call signature of its own retraces
-    decode.generate(layered, tokens, lengths, knobs, limit, cfg, steps, eot=decode.EOT, **kw)
+    decode.generate(layered, tokens, lengths, knobs, limit, cfg, steps, eot=data.EOT, **kw)
     before = decode.generate._cache_size()
     other = [decode.Row([7] * n, n, 0.5, 3, 0.5, (1, 2), 0.5, -1.0, {5: 3.0}) for n in (16, 2, 9, 1)]
     tokens, lengths, knobs, limit, steps = decode.pack(other, n_vocab=cfg.n_vocab)
@@ -90,7 +92,7 @@ def test_prompt_beyond_the_context_or_vocabulary_is_refused(cfg, layered):
 
 @jax.jit
 def filtered(logits, top_k, top_p):
-    return decode.filter_logits(logits, top_k, top_p)
+    return sampling.filter_logits(logits, top_k, top_p)
 
 
 @st.composite
@@ -139,7 +141,7 @@ def sampled_token(logits, keys, temperature, top_k, top_p, vocab, presence=0.0, 
              "frequency": full(frequency), "biased": jnp.full(B, bias is not None),
              "bias": jnp.zeros((B, V)) if bias is None else bias}
     counts = jnp.zeros((B, V), jnp.int32) if counts is None else counts
-    return decode.sample_logits(logits, knobs, jnp.full(B, 3), counts, vocab)
+    return sampling.sample_logits(logits, knobs, jnp.full(B, 3), counts, vocab)
 
 
 def test_extreme_settings_stay_in_the_vocabulary():
@@ -222,19 +224,19 @@ def test_sampled_penalties_follow_the_shifted_distribution():
 def test_logprobs_are_the_models_own_and_ties_compare_equal():
     logits = jax.random.normal(jax.random.key(3), (5, 7, 300)) * 4
     targets = jnp.asarray(np.random.default_rng(0).integers(0, 300, (5, 7)))
-    got = jax.jit(decode.token_logprobs, static_argnums=2)(logits, targets, 5)
+    got = jax.jit(sampling.token_logprobs, static_argnums=2)(logits, targets, 5)
     want = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float64) if jax.config.x64_enabled else logits))
     assert np.allclose(got["logprob"], np.take_along_axis(want, np.asarray(targets)[..., None], -1)[..., 0], atol=1e-5)
     assert (np.asarray(got["top_ids"]) == np.argsort(-want, -1)[..., :5]).all()
-    greedy = jax.jit(decode.token_logprobs, static_argnums=2)(logits, logits.argmax(-1), 1)
+    greedy = jax.jit(sampling.token_logprobs, static_argnums=2)(logits, logits.argmax(-1), 1)
     assert (greedy["logprob"] == greedy["top_logprobs"][..., 0]).all()  # lm-evaluation-harness tests greedy by ==
-    assert [decode.top_bucket(k) for k in (0, 1, 2, 3, 5, 17, 20)] == [0, 1, 2, 4, 8, 20, 20]
+    assert [sampling.top_bucket(k) for k in (0, 1, 2, 3, 5, 17, 20)] == [0, 1, 2, 4, 8, 20, 20]
 
 
 def test_every_token_has_a_distinct_stable_name(cfg, enc):
     names = [decode.token_name(enc, t) for t in range(cfg.n_vocab)]
     assert len(set(names)) == cfg.n_vocab
-    assert names[decode.EOT] == "<|endoftext|>" and names[464] == "The" and names[50300] == "<|padding:50300|>"
+    assert names[data.EOT] == "<|endoftext|>" and names[464] == "The" and names[50300] == "<|padding:50300|>"
     partial = [t for t in range(enc.n_vocab) if names[t].startswith("bytes:")]
     assert 300 < len(partial) < 400 and names[447] == "bytes:\\xe2\\x80"
 
@@ -255,14 +257,14 @@ def test_one_finish_rule_for_jax_and_numpy():
 def test_two_level_argmax_is_jnp_argmax(values):
     """Ties are common on this coarse grid: the first index of the maximum, as jnp.argmax."""
     x = jnp.asarray(np.array(values, np.float32).reshape(8, 96))
-    assert (np.asarray(jax.jit(decode.argmax)(x)) == np.asarray(jnp.argmax(x, -1))).all()
+    assert (np.asarray(jax.jit(sampling.argmax)(x)) == np.asarray(jnp.argmax(x, -1))).all()
 
 
 def test_inverse_transform_draws_never_pick_a_zero_weight_and_follow_the_weights():
     rng = np.random.default_rng(0)
     w = rng.random((4, 1000)).astype(np.float32) * (rng.random((4, 1000)) < 0.3)  # most weights 0
     w[:, -1] = 0  # the top end is 0: rounding must not land there
-    draw = jax.jit(decode.draw_index, static_argnums=2)
+    draw = jax.jit(sampling.draw_index, static_argnums=2)
     edges = np.array([[0, 0], [1 - 2**-24, 1 - 2**-24], [0.5, 1 - 2**-24], [1 - 2**-24, 0]], np.float32)
     for chunk in (256, 16):
         got = np.asarray(draw(jnp.asarray(w), jnp.asarray(edges), chunk))
@@ -271,3 +273,32 @@ def test_inverse_transform_draws_never_pick_a_zero_weight_and_follow_the_weights
     picks = np.asarray(draw(jnp.broadcast_to(jnp.asarray(w[0]), (50_000, 1000)), u, 256))
     freq = np.bincount(picks, minlength=1000) / len(picks)
     assert np.abs(freq - w[0] / w[0].sum()).max() < 0.004 and (freq[w[0] == 0] == 0).all()
+
+
+# ---------------------------------------------------------------- several tokens per compiled call
+
+def test_several_tokens_per_call_equal_one_token_per_call(cfg, prompts, layered, monkeypatch):
+    """decode.complete's streaming path, a few steps per compiled call (decode.Pace), against one step per call:
+    the same tokens, and the same on_step calls, for sampled rows with their own seeds, penalties and limits, for
+    a row that an end-of-text token ends mid-call, and for a row that on_step stops mid-call."""
+    calls, real_step = [], decode.step
+    monkeypatch.setattr(decode, "step", lambda *a, **kw: calls.append(int(a[3])) or real_step(*a, **kw))
+    rows = [decode.Row(p, n, 1.0, 50, 0.9, (3, i), 0.5, 0.25) for i, (p, n) in enumerate(zip(prompts, (12, 3, 9)))]
+
+    def run(chunk, eot=data.EOT, stop_after=None):
+        seen = []
+
+        def on_step(tok, new, done):
+            seen.append((tok[new].tolist(), new.tolist(), done.tolist()))
+            if len(seen) == stop_after:
+                done[2] = True
+        return decode.complete(layered, cfg, rows, on_step=on_step, eot=eot, chunk=chunk), seen
+
+    one, seen = run(1)
+    assert calls and max(calls) == 1 and one == decode.complete(layered, cfg, rows)  # and the compiled loop's
+    calls.clear()
+    assert run(decode.CHUNK) == (one, seen) and max(calls) > 1, calls
+    eot = one[0][5]  # pretend that row 0's 6th token ends its text
+    assert run(decode.CHUNK, eot) == run(1, eot) and run(1, eot)[0][0] == one[0][:one[0].index(eot)]
+    assert run(decode.CHUNK, stop_after=4) == run(1, stop_after=4)
+    assert len(run(1, stop_after=4)[0][2]) == 4

@@ -15,9 +15,12 @@ import ckpt
 import ckpt_io
 import ckpt_native
 import ckpt_peft
+import config
 import data
 import gptj
 import lora
+import perf
+import plan
 import sample
 import shard
 import train
@@ -25,7 +28,7 @@ from conftest import TINY, assert_trees_close, assert_updates_close, plain_step
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-CFG = train.Run(**{**train.KEYS, **TINY}).model()
+CFG = config.Run(**{**config.KEYS, **TINY}).model()
 LORA = dict(lora_rank=4, lora_alpha=8.0, lora_targets="q_proj,v_proj,fc_out", sample_tokens=0)
 
 
@@ -54,9 +57,9 @@ def base(tmp_path_factory):
 
 
 def make_run(tmp_path, corpus, base_path, **kw):
-    values = {**train.KEYS, **TINY, **LORA, "model_dir": str(tmp_path / "run"), "init_from": str(base_path),
+    values = {**config.KEYS, **TINY, **LORA, "model_dir": str(tmp_path / "run"), "init_from": str(base_path),
               "train_set": str(corpus / "train.tokens"), "val_set": str(corpus / "val.tokens"), **kw}
-    return train.Run(**values)
+    return config.Run(**values)
 
 
 def adapters_of(model_dir):
@@ -118,7 +121,7 @@ def test_resume_is_bit_identical(tmp_path, corpus, base):
 
 
 # warmup_steps 0: both steps update at a non-zero learning rate, the second from adapters the first one produced.
-LORA_RUN = train.Run(**{**train.KEYS, **TINY, **LORA, "n_vocab": 64, "gradient_accumulation_steps": 2,
+LORA_RUN = config.Run(**{**config.KEYS, **TINY, **LORA, "n_vocab": 64, "gradient_accumulation_steps": 2,
                          "lora_targets": ",".join(lora.TARGETS), "warmup_steps": 0})
 
 
@@ -246,15 +249,15 @@ def test_merged_weights_stay_float32_over_a_bf16_base(tmp_path, base):
 
 
 def test_plan_counts_the_frozen_base_apart():
-    run = train.Run(**{**train.KEYS, **TINY, **LORA, "cores_per_replica": 2})
-    out = train.plan(run, jax.devices())
+    run = config.Run(**{**config.KEYS, **TINY, **LORA, "cores_per_replica": 2})
     t = train.Trainer(run, jax.devices())
+    out = plan.plan(t)
     adapters = sum(math.prod(s) for s in lora.shapes(t.cfg, 4, t.targets).values())
     # Per device over mp 2: q and v keep A [2, 32, 4] whole and split B [2, 4, 32]; fc_out splits A [2, 128, 4].
     assert out["params_bytes"] == 4 * (2 * (256 + 128) + 512 + 256)
     assert out["frozen_bytes"] == pytest.approx(4 * t.cfg.n_params() / 2, rel=0.01)  # fp32 on CPUs, over mp 2
-    assert out["flops_per_step"] == train.flops_per_token(t.cfg, run.seq, adapters) * t.tokens_per_step()
-    assert train.flops_per_token(t.cfg, run.seq, adapters) < train.flops_per_token(t.cfg, run.seq)
+    assert out["flops_per_step"] == perf.flops_per_token(t.cfg, run.seq, adapters) * t.tokens_per_step()
+    assert perf.flops_per_token(t.cfg, run.seq, adapters) < perf.flops_per_token(t.cfg, run.seq)
 
 
 def test_bad_lora_input_is_one_line(tmp_path, corpus, base, capsys):

@@ -21,6 +21,7 @@ import pytest
 
 import ckpt
 import ckpt_io
+import config
 import data
 import runtime
 import sample
@@ -174,6 +175,21 @@ def test_two_processes_train_as_one(setup, references, capsys):
     assert capsys.readouterr().out.startswith("To be")
 
 
+def test_two_processes_with_fsdp_train_as_one_without(setup, references):
+    """FSDP and sequence parallelism over 2 processes of 4 devices (dp 4 x mp 2: every weight split across the
+    processes) train as the 1-process run without them: the same losses and weights, to the rounding of sums in
+    another order (each leaf to 1e-5 of its norm)."""
+    one, _, _ = references
+    split = setup / "fsdp"
+    run(setup, split, 2, 4, ["--fsdp", "true", "--sequence_parallel", "true"])
+    assert ckpt.read_meta(ckpt.latest(split))["run"]["fsdp"] is True
+    np.testing.assert_allclose(losses(split), losses(one), rtol=1e-5)
+    a, b = leaves(split), leaves(one)
+    assert a.keys() == b.keys()
+    for k in b:
+        assert np.linalg.norm(a[k].astype(np.float64) - b[k]) <= 1e-5 * np.linalg.norm(b[k].astype(np.float64)), k
+
+
 def test_sigterm_to_one_process_stops_both_at_one_step_and_resumes_bit_identical(setup, references):
     _, two, _ = references
     cut = setup / "cut"
@@ -279,6 +295,23 @@ def test_a_model_replica_stays_within_a_host():
         shard.host_order(devices, 3)
 
 
+class TpuCore(NamedTuple):
+    id: int
+    process_index: int
+    platform: str = "tpu"
+
+
+def test_on_a_tpu_slice_a_model_replica_may_span_whole_hosts():
+    """ICI links a slice's hosts: cores_per_replica 16 on v3 hosts of 8 cores takes two whole hosts a replica,
+    but 12 would split a host between replicas."""
+    cores = [TpuCore(8 * p + i, p) for p in range(4) for i in range(8)]
+    assert shard.host_order(cores, 16) == cores and shard.host_order(cores, 32) == cores
+    with pytest.raises(ValueError, match="cores_per_replica=12 does not divide"):
+        shard.host_order(cores, 12)
+    with pytest.raises(ValueError, match="cores_per_replica=12 cannot be placed: process 0 has 8 devices"):
+        shard.host_order(cores[:24], 12)
+
+
 class Subset:
     """A sharding seen from a process that holds only some of its devices."""
 
@@ -290,7 +323,7 @@ class Subset:
 
 
 def test_the_rows_of_all_processes_are_the_one_process_batch():
-    run_ = train.Run(**{**train.KEYS, **TINY, "gradient_accumulation_steps": 2})
+    run_ = config.Run(**{**config.KEYS, **TINY, "gradient_accumulation_steps": 2})
     t = train.Trainer(run_, jax.devices()[:8])  # dp 4, mp 2
     tokens = np.asarray(data.load_tokens("shakespeare:val"))[:8000]
     stream = data.Stream(tokens, run_.seq, run_.seed)

@@ -112,35 +112,67 @@ def test_benchmark_reports_speed_and_the_bound(cfg, layered):
         sample.benchmark(layered, cfg, 2, 64)
 
 
-def test_sigterm_stops_the_cli_server(checkpoint, patience):
+def cli_server(checkpoint, patience, *argv):
+    """Run `sample.py --serve` until it says where it serves -> (the process, its port, what it said before that
+    line); its stderr is read on a thread, so that waiting for a line has a deadline and the pipe never fills."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
-    proc = subprocess.Popen([sys.executable, "sample.py", "--checkpoint", checkpoint, "--serve", "--port", "0"],
+    proc = subprocess.Popen([sys.executable, "sample.py", "--checkpoint", checkpoint, "--serve", "--port", "0", *argv],
                             cwd=os.path.dirname(os.path.abspath(__file__)), env=env, stderr=subprocess.PIPE, text=True)
-    # stderr is read on a thread, so that waiting for its first line has a deadline, and the pipe never fills up.
-    lines = queue.Queue()
+    lines, said = queue.Queue(), []
 
     def read():
         for x in proc.stderr:
             lines.put(x)
         lines.put("")  # stderr closed
 
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
+    proc.reader = threading.Thread(target=read, daemon=True)
+    proc.reader.start()
+    while True:
         try:
             line = lines.get(timeout=patience)
         except queue.Empty:
-            raise AssertionError(f"sample.py --serve wrote nothing to stderr in {patience:.0f} s") from None
-        assert "serving http://127.0.0.1:" in line, f"sample.py --serve: {line!r}, exit status {proc.poll()}"
-        port = int(line.split(":")[2].split("/")[0])
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=patience) as r:
-            assert r.status == 200
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=patience) as r:
-            assert json.load(r)["data"][0]["id"] == "ckpt0"  # the run folder of the step_ folder it serves
+            raise AssertionError(f"sample.py --serve said only {said} in {patience:.0f} s") from None
+        assert line, f"sample.py --serve exited with {proc.wait()}, saying {said}"
+        if "serving http://127.0.0.1:" in line:
+            return proc, int(line.split(":")[2].split("/")[0]), said
+        said.append(line)
+
+
+def stop_cli_server(proc, patience):
+    try:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=patience) == 0
     finally:
         proc.kill()
         proc.wait()
-        reader.join(patience)
+        proc.reader.join(patience)
         proc.stderr.close()
+
+
+def test_sigterm_stops_the_cli_server(checkpoint, patience):
+    proc, port, _ = cli_server(checkpoint, patience, "--lazy_compile")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=patience) as r:
+            assert r.status == 200
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=patience) as r:
+            assert json.load(r)["data"][0]["id"] == "ckpt0"  # the run folder of the step_ folder it serves
+    finally:
+        stop_cli_server(proc, patience)
+
+
+def test_the_cli_server_compiles_before_serving_and_a_restart_reads_the_cache(checkpoint, patience, tmp_path):
+    """--serve compiles every shape before it says it serves, saying how long that took; the programs go into
+    --compile_cache, from which a second start reads them back, faster."""
+    cache, took = tmp_path / "xla", []
+    for _ in range(2):
+        proc, port, said = cli_server(checkpoint, patience, "--batch_size", "1", "--compile_cache", str(cache))
+        try:
+            assert any(line.startswith("compiling: ") for line in said), said
+            [line] = [line for line in said if line.startswith("compiled every shape in ")]
+            took.append(float(line.split()[4]))
+            assert str(cache) in line and any(cache.iterdir())
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=patience) as r:
+                assert json.load(r) == {"status": "ok"}
+        finally:
+            stop_cli_server(proc, patience)
+    assert took[1] < took[0], took

@@ -3,14 +3,20 @@
 
 Which requests share a batch is never left to the clock: tests of continuous batching hold the model thread before
 its steps (conftest.py's `steps`) and let it go one step at a time until the server's own state is what they need."""
+import dataclasses
+import io
 import json
 import socket
+import threading
 import time
+import urllib.error
 import urllib.request
 
+import jax
 import numpy as np
 import pytest
 
+import data
 import decode
 import score
 import serve
@@ -84,7 +90,7 @@ def test_health_models_and_tokenizer(server, post, get, enc):
     assert status == 200 and info["eos_token"] == "<|endoftext|>"
     text = "Hello, wörld<|endoftext|>"
     status, got = post(server, {"prompt": text, "add_special_tokens": False}, path="/tokenize")
-    assert status == 200 and got["tokens"] == enc.encode(text, allowed_special="all") and got["tokens"][-1] == decode.EOT
+    assert status == 200 and got["tokens"] == enc.encode(text, allowed_special="all") and got["tokens"][-1] == data.EOT
     assert post(server, {"tokens": got["tokens"]}, path="/detokenize") == (200, {"prompt": text})
     assert post(server, {"tokens": [-1]}, path="/detokenize")[0] == 400
 
@@ -168,13 +174,13 @@ def test_lm_evaluation_harness_requests(server, post, cfg, enc, prompts, text, l
     body = {"prompt": [prompts[1]], "model": "tiny", "max_tokens": 12, "temperature": 0,
             "stop": ["\n\n", "<|endoftext|>"], "seed": 1234}
     status, got = post(server, body)
-    want = enc.decode(recompute_greedy(params, prompts[1], 12, eot=decode.EOT))
+    want = enc.decode(recompute_greedy(params, prompts[1], 12, eot=data.EOT))
     assert status == 200 and got["choices"][0]["text"] == want.split("\n\n")[0]
 
 
 def test_generated_end_of_text_is_reported(server, post, enc, prompts, params):
     """A row that ends with <|endoftext|> reports it in its logprobs (and counts it), though not in its text."""
-    nudge = {str(decode.EOT): 100.0}  # make the model end at once
+    nudge = {str(data.EOT): 100.0}  # make the model end at once
     status, got = post(server, {"prompt": [prompts[0]], "max_tokens": 1, "echo": True, "logprobs": 1,
                                 "temperature": 0, "logit_bias": nudge})
     choice = got["choices"][0]
@@ -245,7 +251,7 @@ def test_a_seeded_request_alone_and_amid_traffic_gives_the_same_text(server, pos
 def test_a_short_request_does_not_wait_for_a_long_one(server, post, steps, pool, wait_until, patience):
     """Continuous batching: a request arriving while another generates joins the batch and leaves when done."""
     steps.hold()
-    body = {"prompt": "A", "max_tokens": 60, "temperature": 0, "stream": True, "logit_bias": {str(decode.EOT): -100}}
+    body = {"prompt": "A", "max_tokens": 60, "temperature": 0, "stream": True, "logit_bias": {str(data.EOT): -100}}
     long = pool.submit(post, server, body, True)
     steps.until(lambda: decoding(server, max_new=60), "the long request to be decoding")
     short = pool.submit(post, server, {"prompt": "B", "max_tokens": 2, "temperature": 0, "stream": True}, True)
@@ -261,13 +267,13 @@ def test_a_short_request_does_not_wait_for_a_long_one(server, post, steps, pool,
 
 
 def test_the_batch_and_cache_grow_by_buckets(server, post, steps, pool, wait_until):
-    """A request alone decodes as a batch of one with a cache just big enough, rounded to a power of two; the
-    batch grows as rows join, and starts afresh once idle."""
+    """A request alone decodes as a batch of one with a cache just big enough, n_ctx over a power of 4 (here 16
+    or 64 slots); the batch grows as rows join, and starts afresh once idle."""
     wait_until(lambda: not server.engine.busy(), "the server to be idle")
     before = len(server.engine.layouts)
     post(server, {"prompt": "x", "max_tokens": 40})
     assert server.engine.layouts[before:] == [(1, 64)]
-    wait_until(lambda: server.engine.cache is None, "the server to drop its cache once idle")
+    wait_until(lambda: server.engine.batch is None, "the server to drop its cache once idle")
     steps.hold()
     long = pool.submit(post, server, {"prompt": "x", "max_tokens": 12, "temperature": 0, "stream": True}, True)
     steps.until(lambda: decoding(server), "the 12-token request to be decoding")
@@ -278,11 +284,11 @@ def test_the_batch_and_cache_grow_by_buckets(server, post, steps, pool, wait_unt
     steps.release()
     assert long.result()[0] == three.result()[0] == 200
     # One size at a time: rows, then slots per row.
-    assert server.engine.layouts[before + 1:] == [(1, 16), (4, 16), (4, 32)]
+    assert server.engine.layouts[before + 1:] == [(1, 16), (4, 16), (4, 64)]
 
 
 def test_a_client_that_goes_away_stops_its_generation(server, steps, wait_until, patience):
-    body = {"prompt": "Hi", "max_tokens": 60, "stream": True, "logit_bias": {str(decode.EOT): -100}}
+    body = {"prompt": "Hi", "max_tokens": 60, "stream": True, "logit_bias": {str(data.EOT): -100}}
     body = json.dumps(body).encode()
     before = server.engine.steps_run
     steps.hold()
@@ -320,10 +326,10 @@ def test_a_failed_prefill_answers_a_request_that_had_waited(cfg, layered, post, 
     server = serve.serve(layered, cfg, "127.0.0.1", 0, slots=1)
     try:
         steps.hold()
-        body = {"prompt": "a", "max_tokens": 30, "stream": True, "logit_bias": {str(decode.EOT): -100}}
+        body = {"prompt": "a", "max_tokens": 30, "stream": True, "logit_bias": {str(data.EOT): -100}}
         first = pool.submit(post, server, body, True)
         steps.until(lambda: decoding(server), "the first request to be decoding")
-        fail_once(monkeypatch, "prefill", "out of memory")
+        fail_once(monkeypatch, "fill", "out of memory")
         second = pool.submit(post, server, {"prompt": "b", "max_tokens": 4})
         wait_until(lambda: server.jobs.qsize() == 1, "the second request to be queued")
         steps.until(lambda: server.engine.waiting, "the second request to wait for a row")
@@ -344,6 +350,79 @@ def test_a_failed_step_answers_500_and_the_server_carries_on(server, post, monke
     status, got = post(server, {"prompt": "x", "max_tokens": 4})
     assert status == 500 and "device on fire" in got["error"]
     assert post(server, {"prompt": "x", "max_tokens": 4})[0] == 200
+
+
+def same_choices(got, want):
+    """The same texts, finish reasons and tokens; logprobs equal to float32's rounding (a batch of other rows
+    than the request's own rounds its logits differently)."""
+    strip = lambda c: {**c, "logprobs": c["logprobs"] and c["logprobs"]["tokens"]}
+    close = lambda a, b: a is None and b is None or np.allclose(a, b, atol=1e-5)
+    for g, w in zip(got, want, strict=True):
+        assert strip(g) == strip(w)
+        if w["logprobs"]:
+            lp, wlp = g["logprobs"], w["logprobs"]
+            assert all(close(a, b) for a, b in zip(lp["token_logprobs"], wlp["token_logprobs"], strict=True))
+            assert [set(t) for t in lp["top_logprobs"]] == [set(t) for t in wlp["top_logprobs"]]
+    return True
+
+
+def test_several_tokens_per_call_answer_as_one_token_per_call(cfg, layered, server, post):
+    """The server decodes a few steps per compiled call (decode.Pace); one step per call gives the same answers:
+    seeded samples alone and several at once, stop strings met mid-call, max_tokens, logprobs, penalties, n,
+    streamed or not."""
+    one = serve.serve(layered, cfg, "127.0.0.1", 0, slots=8, chunk=1)
+    try:
+        body = {"prompt": ["Once upon a time", "The"], "max_tokens": 30, "temperature": 0.9, "seed": 5, "n": 2,
+                "logit_bias": {str(data.EOT): -100}}
+        texts = [c["text"] for c in post(one, body)[1]["choices"]]
+        stop = texts[0][len(texts[0]) // 2:len(texts[0]) // 2 + 2]  # met mid-way through the first completion
+        bodies = [body, {**body, "stop": [stop, "\n\n"]}, {**body, "max_tokens": 13, "logprobs": 2},
+                  {**body, "frequency_penalty": 1.0, "top_k": 20, "max_tokens": 17},
+                  {"prompt": "A", "max_tokens": 25, "temperature": 0, "logprobs": 1, "stop": "\n"}]
+        for b in bodies:
+            want = post(one, b)[1]["choices"]
+            for got, want in [(post(server, b)[1]["choices"], want),
+                              *[(streamed(post(s, {**b, "stream": True}, raw=True)[1], len(want)) for s in (server, one))]]:
+                assert same_choices(got, want), b
+        assert any(c["finish_reason"] == "stop" for c in post(server, bodies[1])[1]["choices"])
+        assert one.engine.steps_run <= one.engine.calls and server.engine.steps_run > 1.5 * server.engine.calls
+    finally:
+        one.close()
+
+
+compiles = []  # the XLA compilations of this process, while a test listens
+jax.monitoring.register_event_duration_secs_listener(
+    lambda name, secs, **kw: compiles.append(name) if compiles and name.endswith("backend_compile_duration") else None)
+
+
+def test_compiling_every_shape_before_serving(cfg, layered, post, get, patience):
+    """With compile_all, the model thread compiles every program of every shape the engine can meet before any
+    request, /health answering 503 meanwhile; then traffic of every shape compiles nothing."""
+    small = dataclasses.replace(cfg, n_ctx=32)  # programs of its own: none was compiled by another test
+    log = io.StringIO()
+    server = serve.Server(("127.0.0.1", 0), layered, small, slots=4, compile_all=True, log=log)
+    server.loop.start()
+    try:
+        with pytest.raises(urllib.error.HTTPError, match="503"):
+            get(server, "/health")
+        compiles.append("listening")
+        server.worker.start()
+        assert server.ready.wait(patience) and get(server, "/health") == (200, {"status": "ok"})
+        assert len(compiles) > 10 and "programs" in log.getvalue() and server.compile_s > 0
+        del compiles[1:]
+        bodies = [{"prompt": [list(range(1, 1 + n))] * r, "max_tokens": m, "temperature": 0.5, "logprobs": k}
+                  for n, r, m, k in [(1, 1, 1, None), (20, 1, 12, 3), (3, 3, 20, 1), (30, 4, 2, 0), (9, 2, 23, None)]]
+        threads = [threading.Thread(target=post, args=(server, b)) for b in bodies]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert post(server, {"prompt": [list(range(1, 25))], "echo": True, "logprobs": 1, "max_tokens": 1})[0] == 200
+        assert compiles == ["listening"], compiles[1:]
+        assert {rows for rows, _ in server.engine.layouts} == {1, 4}
+    finally:
+        compiles.clear()
+        server.close()
 
 
 # ---------------------------------------------------------------- the openai client
@@ -427,7 +506,7 @@ def test_close_finishes_requests_in_flight(cfg, layered, post, steps, pool, wait
     server = serve.serve(layered, cfg, "127.0.0.1", 0)
     try:
         steps.hold()
-        body = {"prompt": "Hi", "max_tokens": 16, "stream": True, "logit_bias": {str(decode.EOT): -100}}
+        body = {"prompt": "Hi", "max_tokens": 16, "stream": True, "logit_bias": {str(data.EOT): -100}}
         asked = pool.submit(post, server, body, True)
         steps.until(lambda: decoding(server), "the request to be decoding")
         closing = pool.submit(server.close)

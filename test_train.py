@@ -7,7 +7,6 @@ import math
 import os
 import signal
 import struct
-import subprocess
 import sys
 import time
 import types
@@ -20,8 +19,11 @@ from hypothesis import given, settings, strategies as st
 
 import ckpt
 import ckpt_io
+import config
 import data
 import gptj
+import metrics
+import perf
 import runtime
 import shard
 import train
@@ -33,13 +35,13 @@ ONE = jax.devices()[:1]  # one device unless a test is about meshes: fewer compi
 
 
 def make_run(tmp_path, corpus, **kw):
-    values = {**train.KEYS, **TINY, "model_dir": str(tmp_path / "run"), "train_set": str(corpus / "train.tokens"),
+    values = {**config.KEYS, **TINY, "model_dir": str(tmp_path / "run"), "train_set": str(corpus / "train.tokens"),
               "val_set": str(corpus / "val.tokens"), **kw}
-    return train.Run(**values)
+    return config.Run(**values)
 
 
 def test_schedule_matches_the_original_formula():
-    run = train.Run(**{**train.KEYS, "warmup_steps": 10, "anneal_steps": 100, "lr": 1.0, "end_lr": 0.1})
+    run = config.Run(**{**config.KEYS, "warmup_steps": 10, "anneal_steps": 100, "lr": 1.0, "end_lr": 0.1})
     lr = train.schedule(run)
     assert float(lr(0)) == 0.0 and math.isclose(float(lr(5)), 0.5)
     assert math.isclose(float(lr(10)), 1.0, rel_tol=1e-6)
@@ -59,7 +61,7 @@ def test_weight_decay_only_on_matrices():
 
 
 # warmup_steps 0: both steps update at a non-zero learning rate, the second from params the first one produced.
-ZERO_RUN = train.Run(**{**train.KEYS, **TINY, "n_vocab": 64, "gradient_accumulation_steps": 2, "weight_decay": 0.1,
+ZERO_RUN = config.Run(**{**config.KEYS, **TINY, "n_vocab": 64, "gradient_accumulation_steps": 2, "weight_decay": 0.1,
                         "warmup_steps": 0})
 
 
@@ -169,7 +171,7 @@ def test_float16_trains():
 
 def test_gradient_accumulation_equals_one_big_batch():
     """Two micro-batches of 4 accumulated in one step give the loss, gradient norm and update of one batch of 8."""
-    run = train.Run(**{**train.KEYS, **TINY, "n_vocab": 64, "warmup_steps": 0})  # the full lr from the first step
+    run = config.Run(**{**config.KEYS, **TINY, "n_vocab": 64, "warmup_steps": 0})  # the full lr from the first step
     t = train.Trainer(run, ONE)
     _, step = train.make_step(run, t.cfg, None)
     step = jax.jit(step)
@@ -302,10 +304,10 @@ def test_wandb_logs_every_record_and_a_resumed_run_continues_it(tmp_path, corpus
     # Without wandb installed: one line says so, and the records still go to metrics.jsonl.
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
     capsys.readouterr()
-    metrics = train.MetricsLog(run)
+    log = metrics.MetricsLog(run)
     assert "wandb is not installed (pip install wandb)" in capsys.readouterr().err
-    metrics.write({"step": 4, "loss": 1.0})
-    metrics.close(failed=False)
+    log.write({"step": 4, "loss": 1.0})
+    log.close(failed=False)
     assert json.loads(open(os.path.join(run.model_dir, "metrics.jsonl")).readlines()[-1]) == {"step": 4, "loss": 1.0}
 
 
@@ -360,78 +362,20 @@ def test_corrupt_latest_checkpoint_falls_back(tmp_path, corpus, capsys):
     assert "step_00000002" in err and "resumed from" in err and "step_00000001" in err
 
 
-def test_plan_reports_per_device_memory():
-    run = train.Run(**{**train.KEYS, **TINY, "cores_per_replica": 2, "gradient_accumulation_steps": 2})
-    out = train.plan(run, jax.devices())
-    assert out["devices"] == 8 and out["mesh"] == {"dp": 4, "mp": 2} and out["platform"] == "cpu"
-    assert out["frozen_bytes"] == 0  # full fine-tuning: every param trains
-    cfg = run.model()
-    assert out["n_params"] == cfg.n_params() and out["fits"] is None  # no tpu_size: no device memory to judge by
-    assert out["params_bytes"] == pytest.approx(4 * cfg.n_params() / 2, rel=0.01)
-    assert out["opt_state_bytes"] == pytest.approx(2 * out["params_bytes"] / 4, rel=0.05)  # ZeRO: / dp
-    assert out["total_bytes"] == out["params_bytes"] + out["opt_state_bytes"] + out["temp_bytes"]
-    assert out["flops_per_step"] == train.flops_per_token(cfg, 16) * 2 * 8 * 16
-
-
-def test_plan_targets_the_tpu_of_tpu_size():
-    assert [train.v3_topology(n) for n in (8, 32, 64, 256, 2048)] == ["v3:2x2", "v3:4x4", "v3:4x8", "v3:8x16",
-                                                                      "v3:32x32"]
-    with pytest.raises(train.ConfigError, match="tpu_size=12: a TPU v3 slice has 2\\^k cores"):
-        train.v3_topology(12)
-
-
-def plan_process(*flags, libtpu=False):
-    """train.py --plan in a fresh process with the README's environment (no simulated devices), its JSON line and
-    its last stderr line. Without libtpu=True, libtpu is hidden where installed: the XLA:CPU path."""
-    code = f"import sys, train; train.has_libtpu = lambda: {libtpu}; sys.exit(train.main(sys.argv[1:]))"
-    flags = ["--plan"] + [x for k, v in TINY.items() for x in (f"--{k}", str(v))] + list(flags)
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    res = subprocess.run([sys.executable, "-c", code] + flags, capture_output=True, text=True, timeout=300, env=env,
-                         cwd=os.path.dirname(os.path.abspath(__file__)))
-    lines = res.stdout.strip().splitlines()
-    return res.returncode, json.loads(lines[-1]) if lines else None, (res.stderr.strip().splitlines() or [""])[-1]
-
-
-def test_plan_in_a_fresh_process_on_cpus_says_whether_it_fits():
-    # A v3-8 config without libtpu: 8 simulated CPU devices, judged by a v3 core's 16 GiB.
-    code, out, err = plan_process("--tpu_size", "8", "--cores_per_replica", "2")
-    assert code == 0, err
-    assert (out["platform"], out["devices"], out["mesh"]) == ("cpu", 8, {"dp": 4, "mp": 2})
-    assert out["fits"] is True and out["available_bytes"] == 16 * 2**30 and out["total_bytes"] < 2**30
-    assert out["n_params"] == train.Run(**{**train.KEYS, **TINY}).model().n_params()
-    code, out, err = plan_process("--device_memory", "0.001")  # 1 MiB a device cannot hold the step
-    assert code == 1 and out["fits"] is False and out["total_bytes"] > out["available_bytes"] == round(2**30 / 1000)
-    assert err.startswith("error: ") and "does not fit" in err
-
-
-@pytest.mark.skipif(not train.has_libtpu(), reason="needs libtpu (pip install 'jax[tpu]'), 700 MB: not in CI")
-def test_plan_compiles_for_a_tpu_without_one():
-    run = train.Run(**{**train.KEYS, **TINY, "tpu_size": 8, "cores_per_replica": 2})
-    devices, topology = train.plan_devices(run)
-    out = train.plan(run, devices, topology)
-    assert (out["platform"], out["device_kind"], out["topology"], out["devices"]) == ("tpu", "TPU v3", "v3:2x2", 8)
-    assert out["dtype"] == "bfloat16"  # auto, for the TPU
-    assert out["fits"] is True and out["available_bytes"] == 16 * 2**30
-    # Logits of 64 rows x 2048 positions x 50304 in fp32 are 26 GB a core: the TPU compiler's refusal is the answer.
-    code, out, err = plan_process("--tpu_size", "8", "--seq", "2048", "--per_replica_batch", "64", libtpu=True)
-    assert code == 1 and out["fits"] is False and out["needed_bytes"] > out["available_bytes"] > 15 * 2**30, err
-    assert out["compiler"].startswith("RESOURCE_EXHAUSTED") and err.startswith("error: ") and "does not fit" in err
-
-
 def test_mfu_divides_by_the_highest_peak_read(tmp_path, monkeypatch):
     """A shared CPU can read its matmul peak a third low: the peak is read again each minute and the highest
     kept, so one low reading does not inflate mfu for the rest of the run."""
     peaks = iter([300e9, 200e9])
-    monkeypatch.setattr(train, "device_peak", lambda device, dtype: 100e9)  # the process's first reading
-    monkeypatch.setattr(train, "matmul_peak", lambda device, dtype, readings=4: next(peaks))
+    monkeypatch.setattr(perf, "device_peak", lambda device, dtype: 100e9)  # the process's first reading
+    monkeypatch.setattr(perf, "matmul_peak", lambda device, dtype, readings=4: next(peaks))
     clock = iter(range(0, 10**6, 61))  # a minute passes between any two readings of the clock
-    monkeypatch.setattr(train.time, "perf_counter", lambda: float(next(clock)))
-    cfg = train.Run(**{**train.KEYS, **TINY}).model()
+    monkeypatch.setattr(metrics.time, "perf_counter", lambda: float(next(clock)))
+    cfg = config.Run(**{**config.KEYS, **TINY}).model()
     mesh = types.SimpleNamespace(size=1, shape={shard.MP: 1})
     t = types.SimpleNamespace(device=jax.devices()[0], cfg=cfg, mesh=mesh, dp=1, flops_per_token=lambda: 1e9,
                               tokens_per_step=lambda: 1000)
-    run = train.Run(**{**train.KEYS, "model_dir": str(tmp_path), "total_steps": 3})
-    with train.Progress(run, t, 0, 3000) as progress:  # reads 100e9 at the start
+    run = config.Run(**{**config.KEYS, "model_dir": str(tmp_path), "total_steps": 3})
+    with metrics.Progress(run, t, 0, 3000) as progress:  # reads 100e9 at the start
         records = [progress(step, {"loss": 1.0, "lr": 0.0}, dict) for step in (1, 2)]  # then 300e9, 200e9
     for r in records:
         assert r["mfu"] == pytest.approx(r["tokens_per_s"] * 1e9 / 300e9)
@@ -443,17 +387,17 @@ def test_benchmark_prints_speed_and_mfu(capsys):
     out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert out["devices"] == 8 and out["compile_s"] > 0 and 0 < out["mfu"] < 1
     assert out["tokens_per_s"] == pytest.approx(8 * 2 * 16 / out["step_s"], rel=0.01)  # dp 8 x batch 2 x seq 16
-    cfg = train.Run(**{**train.KEYS, **TINY}).model()
+    cfg = config.Run(**{**config.KEYS, **TINY}).model()
     # 6 FLOPs per parameter but wte (a lookup), counted from the params themselves, + attention
     shapes = jax.eval_shape(lambda key: gptj.init_params(cfg, key), jax.random.PRNGKey(0))
     n = sum(x.size for x in jax.tree.leaves({k: v for k, v in shapes.items() if k != "wte"}))
-    assert train.flops_per_token(cfg, 16) == 6 * n + 12 * cfg.n_layer * cfg.d_model * 16
-    expected = train.flops_per_token(cfg, 16) * 256 / out["step_s"] / out["peak_flops"]
+    assert perf.flops_per_token(cfg, 16) == 6 * n + 12 * cfg.n_layer * cfg.d_model * 16
+    expected = perf.flops_per_token(cfg, 16) * 256 / out["step_s"] / out["peak_flops"]
     assert out["mfu"] == pytest.approx(expected, rel=0.01, abs=1e-4)  # the record rounds mfu to 4 decimals
 
 
 def test_cpu_step_compiles_without_ynnpack_fusions():
-    t = train.Trainer(train.Run(**{**train.KEYS, **TINY}), ONE)
+    t = train.Trainer(config.Run(**{**config.KEYS, **TINY}), ONE)
     assert "__ynn_fusion" not in t.lower().compile().as_text()
     column_sum = jax.jit(lambda x: x.sum(0)).lower(jnp.ones((64, 64)))  # what the option is there for
     assert "__ynn_fusion" in column_sum.compile().as_text()
@@ -461,7 +405,7 @@ def test_cpu_step_compiles_without_ynnpack_fusions():
 
 
 def test_one_device_step_has_no_collectives_and_no_transposed_logit_gradient():
-    t = train.Trainer(train.Run(**{**train.KEYS, **TINY, "per_replica_batch": 3}), ONE)  # 3 x 16 != d_model
+    t = train.Trainer(config.Run(**{**config.KEYS, **TINY, "per_replica_batch": 3}), ONE)  # 3 x 16 != d_model
     hlo = t.lower().compile().as_text()
     assert "all-reduce" not in hlo  # no shard_map on one device: its backward psums every gradient
     # From 3-D activations XLA:CPU transposed the logits' gradient, to [n_vocab, batch, seq], for the
@@ -469,49 +413,14 @@ def test_one_device_step_has_no_collectives_and_no_transposed_logit_gradient():
     assert "f32[50304,3,16]" not in hlo and "f32[50304,48]" not in hlo
 
 
-def test_original_config_loads_as_it_is(capsys):
-    run = train.load_config("configs/6B_roto_256.json")
-    assert dataclasses.replace(run.model(), remat=False) == gptj.GPTJ_6B and run.cores_per_replica == 8
-    assert run.remat  # ours: to fit a v3 core's 16 GiB (the plan table, docs/training.md)
-    assert "ignoring bucket" in capsys.readouterr().err
-    assert train.load_config("configs/6B_v3-8.json", {"lr": 1e-5}).lr == 1e-5
-    # The original's example_config.json turns validation off so:
-    assert train.load_config("configs/6B_roto_256.json", {"val_batches": 0, "val_set": {}}).val_batches == 0
-
-
-def test_defaults_give_way_to_what_the_user_set(tmp_path, capsys):
-    fit = lambda **kw: train.load_config(None, kw)
-    # The final sample shortens to the context (its prompt is one <|endoftext|>) ...
-    run = fit(layers=2, d_model=64, n_heads=4, pe_rotary_dims=8, seq=64, per_replica_batch=4)
-    assert run.sample_tokens == 63 and "sample_tokens 100 -> 63" in capsys.readouterr().err
-    # ... and is skipped, with a note, for a vocabulary that is not GPT-2's.
-    assert fit(n_vocab=1024).sample_tokens == 0 and "no final sample: n_vocab=1024" in capsys.readouterr().err
-    assert fit(d_model=64, n_heads=8).pe_rotary_dims == 8  # the default 32 is above d_head 8
-    assert fit(d_model=36, n_heads=4).pe_rotary_dims == 8  # d_head 9: rotary pairs need an even count
-    assert fit(n_ctx=64).seq == 64  # the default seq 128 is above n_ctx
-    # What the user set is kept, so that train() can refuse it; so are a named config file's values.
-    assert fit(sample_tokens=100, seq=64).sample_tokens == 100
-    assert fit(pe_rotary_dims=32, d_model=64, n_heads=8).pe_rotary_dims == 32
-    (tmp_path / "c.json").write_text(json.dumps({"seq": 64, "sample_tokens": 100}))
-    assert train.load_config(str(tmp_path / "c.json")).sample_tokens == 100
-    assert train.load_config("configs/shakespeare.json", {"d_model": 64, "n_heads": 8}).pe_rotary_dims == 32
-    assert fit().sample_tokens == 100 and fit(val_batches=0).val_batches == 0  # nothing to fit: unchanged
-
-
 def test_the_issue_command_trains_and_samples(tmp_path, corpus, capsys):
     """A small valid config, every other key default, trains to the end and prints its shortened sample."""
     flags = dict(layers=2, d_model=64, n_heads=4, pe_rotary_dims=8, seq=64, per_replica_batch=4, total_steps=2,
                  model_dir=str(tmp_path / "run"), train_set=str(corpus / "train.tokens"),
                  val_set=str(corpus / "val.tokens"))
-    train.train(train.load_config(None, flags), ONE)
+    train.train(config.load_config(None, flags), ONE)
     out = capsys.readouterr()
     assert "sample:" in out.out and "sample_tokens 100 -> 63" in out.err
-
-
-def test_val_set_object_maps_names_to_specs(tmp_path):
-    (tmp_path / "c.json").write_text(json.dumps({"val_set": {"owt": "owt/*.jsonl", "pile": 3}}))
-    with pytest.raises(train.ConfigError, match="must map names to data specs"):
-        train.load_config(str(tmp_path / "c.json"))
 
 
 @pytest.mark.parametrize("args, message", [

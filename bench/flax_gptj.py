@@ -20,13 +20,16 @@ import numpy as np
 import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the project's own files
-import train  # noqa: E402
+import config  # noqa: E402
+import data  # noqa: E402
+import perf  # noqa: E402
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    for key in ("layers", "d_model", "n_heads", "pe_rotary_dims", "seq", "per_replica_batch", "n_vocab"):
-        ap.add_argument(f"--{key}", type=int, default=train.KEYS[key])
+    keys = ("layers", "d_model", "n_heads", "pe_rotary_dims", "seq", "per_replica_batch", "n_vocab")
+    for key in keys:
+        ap.add_argument(f"--{key}", type=int, default=config.KEYS[key])
     ap.add_argument("--benchmark_steps", type=int, default=5)
     a = ap.parse_args()
     from transformers import FlaxGPTJForCausalLM, GPTJConfig  # transformers < 5 with flax
@@ -48,15 +51,15 @@ def main():
         return (optax.apply_updates(params, updates), opt_state), value
 
     device = jax.devices()[0]
-    peak = train.matmul_peak(device, "float32")
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 50257, (a.per_replica_batch, a.seq + 1)), jnp.int32)
+    peak = perf.matmul_peak(device, "float32")
+    ids = min(a.n_vocab, data.EOT + 1)  # GPT-2's ids, as train.py --benchmark draws them
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, ids, (a.per_replica_batch, a.seq + 1)), jnp.int32)
     state = (model.params, opt.init(model.params))
-    compile_s, step_s = train.time_steps(step, state, tokens, a.benchmark_steps)
-    peak = max(peak, train.matmul_peak(device, "float32"))
-    cfg = train.gptj.Config(n_vocab=a.n_vocab, n_ctx=a.seq, d_model=a.d_model, n_layer=a.layers,
-                            n_head=a.n_heads, rotary_dim=a.pe_rotary_dims)
-    fpt = train.flops_per_token(cfg, a.seq)
-    print(json.dumps(train.speed_record(fpt, a.per_replica_batch * a.seq, step_s, compile_s, peak, 1)))
+    compile_s, step_s = perf.time_steps(step, state, tokens, a.benchmark_steps)
+    peak = max(peak, perf.matmul_peak(device, "float32"))
+    cfg = config.Run(**{k: getattr(a, k) for k in keys}).model()  # the model train.py would count
+    fpt = perf.flops_per_token(cfg, a.seq)
+    print(json.dumps(perf.speed_record(fpt, a.per_replica_batch * a.seq, step_s, compile_s, peak, 1)))
 
 
 if __name__ == "__main__":

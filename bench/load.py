@@ -3,12 +3,15 @@
     python bench/load.py                          # starts sample.py --serve --preset small, slots = requests
     python bench/load.py --url http://HOST:8000   # a server already running
     python bench/load.py --requests 32 --interval 0.01 --max_tokens 64 --preset small
+    python bench/load.py --url http://HOST:8000 --latency_goal 3   # a server on an accelerator
 
 Prints one JSON line: time to first token and latency (p50, p90) under load and alone, aggregate tokens/s
 against one stream's, their ratios, and whether they meet the goals (first token p90 within 10x of a
-request alone, latency p50 within 3x, throughput at least 2x one stream's), and the share of the machine's CPU
-time that the hypervisor gave to other guests meanwhile (cpu_stolen; Linux only). Every request generates exactly
-max_tokens (the end-of-text token is biased away), so all of them do the same work.
+request alone; latency p50 within --latency_goal times, by default 4, the goal on a CPU, where a step of many rows
+costs far more than a step of one; 3 on an accelerator; throughput at least 2x one stream's), and the share of the
+machine's CPU time that the hypervisor gave to other guests meanwhile (cpu_stolen; Linux only). Every request
+generates exactly max_tokens (the end-of-text token is biased away), so all of them do the same work. The cold
+round (cold_*) is the first round a fresh server meets, before any warm-up; the other figures are the steady state's.
 """
 import argparse
 import json
@@ -94,15 +97,20 @@ def measure(url, body, requests, interval, alone_runs) -> dict:
             "latency_p50_s": percentile(latency, 0.5), "latency_p90_s": percentile(latency, 0.9),
             "latency_alone_s": percentile([a[1] for a in alone], 0.5),
             "tokens_per_s": sum(r[3] for r in results) / span,
-            "one_stream_tokens_per_s": percentile([a[2] / a[1] for a in alone], 0.5)}
+            "one_stream_tokens_per_s": percentile([a[2] / a[1] for a in alone], 0.5),
+            # after the first token: to set beside sample.py --benchmark's loop_ms_per_token
+            "alone_ms_per_token": 1e3 * percentile([(a[1] - a[0]) / max(a[2] - 1, 1) for a in alone], 0.5)}
 
 
-def probe(url, requests, interval, max_tokens, alone_runs=5, rounds=3) -> dict:
+def probe(url, requests, interval, max_tokens, alone_runs=5, rounds=3, latency_goal=4.0) -> dict:
     body = {"prompt": "It was a bright cold day in April, and the clocks were striking", "max_tokens": max_tokens,
             "temperature": 0.8, "seed": 0, "stream": True, "stream_options": {"include_usage": True},
             "logit_bias": {"50256": -100}}
-    # Warm-up: the server compiles each shape the first time it meets one. Bursts of concurrent requests
-    # meet the sizes a crowd needs (the first of a burst alone, then the rest together); then an unmeasured
+    # The cold round: the first traffic the server meets. (sample.py --serve compiles every shape before it serves;
+    # with --lazy_compile, as this probe's --lazy_compile passes on, the first bursts compile.)
+    cold = measure(url, body, requests, interval, 2)
+    # Warm-up: a server started with --lazy_compile compiles each shape the first time it meets one. Bursts of
+    # concurrent requests meet the sizes a crowd needs (the first of a burst alone, then the rest together); then an unmeasured
     # staggered round. Of the measured rounds, the one with the best p90 time to first token is reported:
     # a round in which the server still compiled a program is not its steady state. Each round's ratios are
     # against the requests alone measured just before it: a shared VM's speed drifts over minutes.
@@ -118,13 +126,17 @@ def probe(url, requests, interval, max_tokens, alone_runs=5, rounds=3) -> dict:
               "latency_p50_vs_alone": report["latency_p50_s"] / report["latency_alone_s"],
               "throughput_vs_one_stream": report["tokens_per_s"] / report["one_stream_tokens_per_s"]}
     ratios = {k: round(v, 2) for k, v in ratios.items()}  # judged as printed: goals_met never contradicts the line
-    goals = ratios["ttft_p90_vs_alone"] <= 10 and ratios["latency_p50_vs_alone"] <= 3 and \
+    goals = ratios["ttft_p90_vs_alone"] <= 10 and ratios["latency_p50_vs_alone"] <= latency_goal and \
         ratios["throughput_vs_one_stream"] >= 2
     # The share of the machine's CPU time that the hypervisor gave to other guests while the rounds ran.
     steal = None if before is None else round((after[0] - before[0]) / max(after[1] - before[1], 1), 3)
     return {"requests": requests, "interval_s": interval, "max_tokens": max_tokens,
             **{k: round(v, 4) for k, v in report.items()}, **ratios,
-            "goals_met": goals, "rounds": rounds, "cpu_stolen": steal}
+            "goals_met": goals, "latency_goal": latency_goal, "rounds": rounds, "cpu_stolen": steal,
+            **{f"cold_{k}": round(v, 4) for k, v in cold.items()},
+            # against the steady state's request alone: the cold round's own may have compiled
+            "cold_ttft_p90_vs_alone": round(cold["ttft_p90_s"] / report["ttft_alone_s"], 2),
+            "cold_latency_p50_vs_alone": round(cold["latency_p50_s"] / report["latency_alone_s"], 2)}
 
 
 def start_server(cmd, timeout) -> tuple[subprocess.Popen, str]:
@@ -168,6 +180,11 @@ def main(argv=None):
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--interval", type=float, default=0.01, help="seconds between arrivals")
     p.add_argument("--max_tokens", type=int, default=64)
+    p.add_argument("--lazy_compile", action="store_true",
+                   help="start the server with --lazy_compile: shapes compiled when traffic first meets them")
+    p.add_argument("--latency_goal", type=float, default=4.0,
+                   help="the most that latency p50 under load may be, in times a request alone's: 4 on a CPU (the "
+                        "default), 3 on an accelerator")
     p.add_argument("--start_timeout", type=float, default=600,
                    help="seconds the started server may take to say it serves (default %(default)s)")
     args = p.parse_args(argv)
@@ -175,10 +192,10 @@ def main(argv=None):
     url = args.url
     if url is None:
         cmd = [sys.executable, os.path.join(ROOT, "sample.py"), "--serve", "--preset", args.preset, "--port", "0",
-               "--batch_size", str(args.slots or args.requests)]
+               "--batch_size", str(args.slots or args.requests)] + ["--lazy_compile"] * args.lazy_compile
         server, url = start_server(cmd, args.start_timeout)
     try:
-        report = probe(url, args.requests, args.interval, args.max_tokens)
+        report = probe(url, args.requests, args.interval, args.max_tokens, latency_goal=args.latency_goal)
     finally:
         if server is not None:
             server.terminate()
