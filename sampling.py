@@ -122,11 +122,6 @@ def token_logprobs(logits, targets, k=0) -> dict:
     return out
 
 
-def top_bucket(k: int) -> int:
-    """How many alternatives to compute when k are wanted: a few sizes only (1, 2, 4, ...), each compiled once."""
-    return 0 if k <= 0 else min(MAX_LOGPROBS, 1 << max(k - 1, 0).bit_length())
-
-
 def chosen_logprobs(logits, tok, want):
     """token_logprobs of the chosen tokens for a batch whose rows want 0 to MAX_LOGPROBS alternatives, or none
     (-1): want is the most any row wants, a traced scalar, so that one compiled program serves every request.

@@ -3,16 +3,23 @@ way to what the user set, and every key is a flag of its type."""
 import argparse
 import dataclasses
 import json
+import os
+import types
 
 import pytest
 
 import config
 import gptj
+import shard
 
 
 def test_every_key_is_a_typed_field_and_a_flag():
     fields = {f.name: f.type for f in dataclasses.fields(config.Run)}
-    assert set(fields) == set(config.KEYS) and all(t in (int, float, str, bool) for k, t in fields.items()
+    original = {"layers", "d_model", "n_heads", "n_vocab", "norm", "pe", "pe_rotary_dims", "seq", "cores_per_replica",
+                "per_replica_batch", "gradient_accumulation_steps", "warmup_steps", "anneal_steps", "lr", "end_lr",
+                "weight_decay", "total_steps", "val_every", "val_batches", "ckpt_every", "keep_every", "tpu_size",
+                "model_dir", "train_set", "val_set", "name", "wandb_project"}  # mesh-transformer-jax's own
+    assert original <= set(fields) and set(fields) == set(config.KEYS) and all(t in (int, float, str, bool) for k, t in fields.items()
                                                    if k != "val_set")
     assert fields["val_set"] == str | dict and fields["lr"] is float and fields["remat"] is bool
     with pytest.raises(dataclasses.FrozenInstanceError):
@@ -75,3 +82,16 @@ def test_val_set_object_maps_names_to_specs(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"val_set": {"owt": "owt/*.jsonl", "pile": 3}}))
     with pytest.raises(config.ConfigError, match="must map names to data specs"):
         config.load_config(str(tmp_path / "c.json"))
+
+
+@pytest.mark.parametrize("name, tpu_size", [("20B_v3-256", 256), ("40B_v3-512", 512)])
+def test_the_20b_and_40b_configs_split_evenly_on_their_slices(name, tpu_size):
+    """Without libtpu (CI): each config loads, splits evenly on its slice (FSDP's d_model over dp, sequence
+    parallel's seq over mp, heads, d_ff and vocab over mp) and takes a million tokens a step. test_plan.py compiles
+    them by the TPU compiler where libtpu is installed."""
+    run = config.load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", f"{name}.json"))
+    assert run.tpu_size == tpu_size and run.fsdp and run.sequence_parallel and run.remat
+    dp, mp = tpu_size // run.cores_per_replica, run.cores_per_replica
+    mesh = types.SimpleNamespace(shape={shard.DP: dp, shard.MP: mp})
+    shard.check(run.model("tpu"), mesh, run.per_replica_batch * dp, run.seq, fsdp=True)
+    assert run.per_replica_batch * dp * run.gradient_accumulation_steps * run.seq >= 2**20

@@ -103,7 +103,7 @@ def make_step(run: Run, cfg: gptj.Config, mesh):
             value, grads = jax.value_and_grad(loss)(params, tokens, frozen)
             return jax.tree.map(lambda a, g: a + g.astype(acc_dtype), acc, grads), value
 
-        zeros = jax.tree.map(lambda p: jnp.zeros_like(p, acc_dtype), params)  # split as the params are (fsdp)
+        zeros = jax.tree.map(lambda p: jnp.zeros_like(p, acc_dtype), params)
         grads, losses = jax.lax.scan(micro, zeros, batch)
         grads = jax.tree.map(lambda g, p: (g / batch.shape[0]).astype(p.dtype), grads, params)
         updates, opt_state = opt.update(grads, state["opt_state"], params)
@@ -360,7 +360,7 @@ def final_sample(run: Run, t: Trainer, params, frozen):
     enc = data.tokenizer()
     row = decode.Row(decode.prompt_ids(enc, ""), run.sample_tokens, temperature=0.8, top_p=0.9, key=(run.seed, 0))
     if run.fsdp and not t.lora:  # decoding holds mp slices of the whole model a device: halve them (bf16)
-        params = jax.tree.map(lambda x: x.astype(t.cfg.dtype), params)
+        params = jax.tree.map(lambda x: x.astype(t.cfg.dtype) if x.ndim >= 2 else x, params)  # vectors stay fp32
     # Through the adapters as trained: merging would hold a second base, and bf16 would round the update.
     ids = decode.complete(lora.combine(frozen, params), t.cfg, [row], mesh=t.mesh, linear=linear_layer(run))[0]
     if runtime.is_main():
