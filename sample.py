@@ -71,7 +71,7 @@ def benchmark(params, cfg, batch, max_new, *, mesh=None, prompt=None) -> dict:
     # Each step reads every weight but the embedding table, of which it gathers only one row per sequence.
     weights = sum(x.nbytes for x in jax.tree.leaves(params)) - params["wte"].nbytes
     bandwidth = memory_bandwidth()
-    bound = batch * bandwidth * decode.mp(mesh) / weights  # each of mp devices reads only its slice  # dummy rows padding the batch add no tokens
+    bound = batch * bandwidth * decode.mp(mesh) / weights  # each of mp devices reads its slice; padding rows add no tokens
     return {"device": jax.devices()[0].device_kind, "dtype": cfg.dtype, "batch": batch, "prompt_tokens": len(ids),
             "new_tokens": max_new, "compile_s": round(compile_s, 3), "time_to_first_token_s": round(prefill_s, 5),
             "prefill_tokens_per_s": round(batch * len(ids) / prefill_s, 1), "decode_tokens_per_s": round(decode_tps, 1),

@@ -43,7 +43,7 @@ class Server(ThreadingHTTPServer):
         self.cfg, self.enc, self.model_name = cfg, enc or data.tokenizer(), model_name
         self.allow_origin = set(allow_origin)  # other sites' pages that may call the API from a browser
         self.loopback = ipaddress.ip_address(socket.gethostbyname(address[0])).is_loopback
-        self.engine = Engine(params, cfg, mesh, slots, self.enc, chunk)
+        self.engine = Engine(params, cfg, mesh, slots, chunk)
         self.compile_all, self.log, self.compile_s = compile_all, log, None
         self.ready = threading.Event()  # set once the programs are compiled (at once without compile_all)
         self.jobs = queue.Queue()

@@ -33,8 +33,8 @@ class Engine:
     end on the device as decode.finish says, mid-call or not.
     """
 
-    def __init__(self, params, cfg, mesh, slots, enc, chunk=decode.CHUNK):
-        self.params, self.cfg, self.mesh, self.enc = params, cfg, mesh, enc
+    def __init__(self, params, cfg, mesh, slots, chunk=decode.CHUNK):
+        self.params, self.cfg, self.mesh = params, cfg, mesh
         self.slots = decode.batch_rows(slots, mesh)  # the most rows decoding at once
         self.rows = []  # the protocol's Choice in each row of the batch, or None
         self.batch = None  # the decode.Batch on the device
