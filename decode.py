@@ -7,7 +7,7 @@ in one compiled call, each row ending where `finish` says, mid-chunk or not. `ge
 once per shape; `complete` runs either that or prefill and steps, so that tokens can be shown as they come and
 rows stopped early. serve_engine.py keeps a Batch decoding and lets new rows join it (`insert`, `regroup`).
 
-Where having a mesh or not is decided: `dp`, `forward`, `put`, `place` and `place_cache`; where weights (or a
+Where having a mesh or not is decided: `dp`, `forward`, `put`, `place`, `place_cache` and `settle`; where weights (or a
 cache) stacked over layers or held per layer (`unstack`, faster to decode on GPUs) are told apart: `per_layer`.
 
     enc = data.tokenizer()
@@ -153,6 +153,23 @@ class Batch:
         return jax.tree.leaves(self.cache["k"])[0].shape[-2]
 
 
+def layout(batch, mesh):
+    """The shardings of a Batch's arrays on a mesh, between programs: the cache split by rows and heads
+    (shard.cache_specs), every other field whole on each device; a batch of fewer rows than dp divides (a row on
+    its way into a batch) whole. Every program that returns a Batch returns it so (`settle`), so that its
+    output is the next program's input as compiled before serving, not an array of another layout that
+    compiles the next program again."""
+    specs = jax.tree.map(lambda _: P(), batch)
+    if batch.size % dp(mesh) == 0:
+        specs = dataclasses.replace(specs, cache=shard.cache_specs(batch.cache))
+    return shard.named(mesh, specs)
+
+
+def settle(batch, mesh):
+    """A Batch in `layout`, inside jit; as it is without a mesh."""
+    return batch if mesh is None else lax.with_sharding_constraint(batch, layout(batch, mesh))
+
+
 def _rows(batch, fn, cache_fn):
     """A Batch with fn applied to every per-row array (the cache's lengths included), cache_fn(x, axis) to k/v."""
     kv = _kv(cache_fn, batch.cache)
@@ -192,8 +209,8 @@ def _fill(params, tokens, lengths, knobs, limit, eot, cfg, cache_len, mesh, line
     cache = {**cache, "length": lengths - 1}
     last = jnp.take_along_axis(tokens, (lengths - 1)[:, None], 1)[:, 0]
     zeros = jnp.zeros(B, jnp.int32)
-    return Batch(cache, last, zeros, zeros, jnp.zeros(B, bool), limit, eot, jnp.zeros((B, cfg.n_vocab), jnp.int32),
-                 knobs)
+    return settle(Batch(cache, last, zeros, zeros, jnp.zeros(B, bool), limit, eot,
+                        jnp.zeros((B, cfg.n_vocab), jnp.int32), knobs), mesh)
 
 
 def _prefill(params, tokens, lengths, knobs, limit, eot, cfg, cache_len, mesh, linear=gptj.dense, scores=True):
@@ -220,7 +237,7 @@ def _step(params, batch, active, k, cfg, mesh, linear=gptj.dense):
 
     state = (jnp.int32(0), batch, run, jnp.zeros(B, jnp.int32), bufs)
     _, batch, _, made, bufs = lax.while_loop(lambda s: (s[0] < jnp.minimum(k, CHUNK)) & s[2].any(), body, state)
-    return {**bufs, "made": made}, batch
+    return {**bufs, "made": made}, settle(batch, mesh)
 
 
 # prefill(params, tokens [B, T], lengths [B], knobs, limit [B], eot [B], cfg, cache_len, mesh, linear) -> (out,
@@ -262,20 +279,20 @@ def generate(params, tokens, lengths, knobs, limit, cfg, steps, *, mesh=None, eo
 
 
 def empty(cfg, rows, length, params, mesh=None) -> Batch:
-    """A batch of `rows` free rows with `length` cache slots each, placed for the mesh."""
-    cache = place_cache(gptj.init_cache(cfg, rows, length, per_layer=per_layer(params)), mesh)
+    """A batch of `rows` free rows with `length` cache slots each, placed for the mesh (`layout`)."""
+    cache = gptj.init_cache(cfg, rows, length, per_layer=per_layer(params))
     zeros = np.zeros(rows, np.int32)
-    return Batch(cache, *put((zeros, zeros, zeros, np.zeros(rows, bool), zeros, zeros,
-                              np.zeros((rows, cfg.n_vocab), np.int32), knobs([Row([data.EOT], 1)] * rows, cfg.n_vocab)),
-                             mesh))
+    batch = Batch(cache, zeros, zeros, zeros, np.zeros(rows, bool), zeros, zeros, np.zeros((rows, cfg.n_vocab), np.int32),
+                  knobs([Row([data.EOT], 1)] * rows, cfg.n_vocab))
+    return jax.device_put(batch, None if mesh is None else layout(batch, mesh))
 
 
-@jax.jit
-def row_of(new, i):
+@partial(jax.jit, static_argnames=("mesh",))
+def row_of(new, i, mesh=None):
     """Row i of freshly prefilled rows as a Batch of one row: inserted one by one, they compile per (batch, cache)
     shape, not per pair of that and the prefill's batch size; i is an argument, so one program per shape."""
     one = lambda x, axis=0: lax.dynamic_slice_in_dim(x, i, 1, axis)
-    return _rows(new, one, one)
+    return settle(_rows(new, one, one), mesh)
 
 
 @partial(jax.jit, static_argnames=("mesh",), donate_argnames=("batch",))
@@ -291,7 +308,7 @@ def insert(batch, new, slots, mesh=None):
         return a.at[(slice(None),) * axis + (slots, slice(None), slice(0, b.shape[-2]))].set(b, mode="drop")
     cache = {name: jax.tree.map(kv, batch.cache[name], new.cache[name]) for name in ("k", "v")}
     cache["length"] = batch.cache["length"].at[slots].set(new.cache["length"], mode="drop")
-    return Batch(cache=place_cache(cache, mesh), **fields)
+    return settle(Batch(cache=cache, **fields), mesh)
 
 
 @partial(jax.jit, static_argnames=("length", "mesh"))  # no donation: the new arrays have other sizes
@@ -306,8 +323,7 @@ def regroup(batch, order, length, mesh=None):
         if length <= n:
             return x[..., :length, :]
         return jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, length - n), (0, 0)])
-    new = _rows(batch, take, fit)
-    return dataclasses.replace(new, cache=place_cache(new.cache, mesh))
+    return settle(_rows(batch, take, fit), mesh)
 
 
 class Pace:

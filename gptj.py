@@ -233,6 +233,36 @@ def attention(q, k, v, mask):
     return jnp.einsum("bhqk,bhkd->bqhd", probs, v)
 
 
+KV_CHUNK = 64  # cache slots a decoding step reads at a time
+
+
+def cached_attention(q, k, v, slots, chunk=KV_CHUNK):
+    """attention over a KV cache, reading only its filled slots: q [batch, heads, seq, d_head], k/v [batch, heads,
+    cache_len, d_head], slots [batch, seq] each query's own slot (it sees the slots up to it) -> [batch, seq,
+    heads, d_head]. The keys are taken `chunk` slots at a time, up to the furthest any query sees, with a running
+    softmax (maximum, sum, weighted values), so that a step costs the slots in use rather than the cache's size:
+    a batch's cache is sized for its longest text to come. A chunk past a row's queries adds exactly zero to it,
+    so a row's output does not depend on how far the other rows of its batch are."""
+    D, n = q.shape[-1], k.shape[2]
+    chunk = chunk if n % chunk == 0 else n
+
+    def body(c, state):
+        top, total, acc = state
+        kc, vc = (lax.dynamic_slice_in_dim(x, c * chunk, chunk, axis=2).astype(q.dtype) for x in (k, v))
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q, kc, preferred_element_type=jnp.float32) / math.sqrt(D)
+        scores = jnp.where(c * chunk + jnp.arange(chunk) <= slots[:, None, :, None], scores, jnp.finfo(jnp.float32).min)
+        new_top = jnp.maximum(top, scores.max(-1, keepdims=True))
+        w, fade = jnp.exp(scores - new_top), jnp.exp(top - new_top)
+        out = jnp.einsum("bhqk,bhkd->bhqd", w.astype(vc.dtype), vc, preferred_element_type=jnp.float32)
+        return new_top, total * fade + w.sum(-1, keepdims=True), acc * fade + out
+
+    zeros = jnp.zeros_like(q, jnp.float32)  # like q, so that under shard_map the loop's state varies as it does
+    state = (zeros[..., :1] - jnp.inf, zeros[..., :1], zeros)
+    chunks = jnp.minimum(slots.max() // chunk + 1, n // chunk)
+    _, total, acc = lax.fori_loop(0, chunks, body, state)
+    return (acc / total).astype(v.dtype).transpose(0, 2, 1, 3)
+
+
 def dense(x, p):
     """The linear layer: x [tokens, in] @ p["weight"] [in, out] in x's dtype. forward's `linear` hook replaces it to
     compute a projection from other params (a low-rank adapter beside the weight: lora.py; quantised weights)."""
@@ -259,8 +289,11 @@ def block(x, p, cfg: Config, sin, cos, mask, kv=None, index=None, mp=None, linea
     if kv is not None:
         # Each row writes at its own position: rows of one batch may be at different points of their text.
         write = jax.vmap(lambda cache, new, i: lax.dynamic_update_slice_in_dim(cache, new.astype(cache.dtype), i, 1))
-        k, v = kv = (write(kv[0], k, index), write(kv[1], v, index))
-    attn = linear(attention(q, k.astype(dt), v.astype(dt), mask).reshape(B * T, -1), p["out_proj"])
+        kv = (write(kv[0], k, index), write(kv[1], v, index))
+        attn = cached_attention(q, *kv, index[:, None] + jnp.arange(T))
+    else:
+        attn = attention(q, k, v, mask)
+    attn = linear(attn.astype(dt).reshape(B * T, -1), p["out_proj"])
     ff = linear(jax.nn.gelu(linear(h, p["fc_in"]) + p["fc_in"]["bias"].astype(dt), approximate=True), p["fc_out"])
     return x + _reduce((attn + ff).reshape(B, T, -1), mp, sequence_parallel) + p["fc_out"]["bias"].astype(dt), kv
 
@@ -296,7 +329,7 @@ def forward(params, tokens, cfg: Config, *, cache=None, mp=None, linear=dense, f
     dt = jnp.dtype(cfg.dtype)
     offset = jnp.zeros((B,), jnp.int32) if cache is None else cache["length"]  # [batch]
     slots = offset[:, None] + jnp.arange(T)  # [batch, seq]: a token's slot is its position
-    mask = jnp.arange(n_slots)[None, None, :] <= slots[:, :, None]  # [batch, seq, slots]
+    mask = None if cache is not None else jnp.arange(T)[None, None, :] <= slots[:, :, None]  # [batch, seq, seq]
     sin, cos = (jnp.asarray(t)[jnp.clip(slots, 0, cfg.n_ctx - 1)] for t in rotary_table(cfg))
 
     def layer(x, inputs):
@@ -322,13 +355,13 @@ def forward(params, tokens, cfg: Config, *, cache=None, mp=None, linear=dense, f
     else:
         x, kv = lax.scan(layer, x, (params["h"], kv))
     x = layer_norm(x, top["ln_f"], cfg.layer_norm_eps).astype(dt)
-    x = _whole_sequence(x, mp, sequence_parallel).reshape(B * T, -1)
-    head = top["lm_head"]
-    logits = jnp.dot(x, head["weight"].astype(dt), preferred_element_type=jnp.float32) + head["bias"]
-    logits = logits.reshape(B, T, -1)
-    if cache is not None:
-        logits = jnp.where((offset + T <= n_slots)[:, None, None], logits, jnp.nan)
+    x = _whole_sequence(x, mp, sequence_parallel)
+    if cache is not None:  # NaN in, NaN logits out: on the activations, not another pass over the logits
+        x = jnp.where((offset + T <= n_slots)[:, None, None], x, jnp.nan)
         cache = {"k": kv[0], "v": kv[1], "length": offset + T}
+    head = top["lm_head"]
+    logits = jnp.dot(x.reshape(B * T, -1), head["weight"].astype(dt), preferred_element_type=jnp.float32)
+    logits = (logits + head["bias"]).reshape(B, T, -1)
     return logits, cache
 
 

@@ -43,11 +43,16 @@ def sample_logits(logits, knobs, index, counts, vocab):
     was generated in the row so far. Ids >= vocab are never chosen. Row b's draw uses its own key folded with
     its own step count index[b], so it depends on nothing else in the batch: not the other rows, not when
     the row joined it.
+
+    Each pass over the [B, V] logits costs as much as a small model's layer on a CPU, so there are few: the shift
+    and mask in one, the argmax, and, where a row samples, one that tempers, exponentiates and sums by chunks. A
+    cond skips what no row needs; the draw's ends in draw_index's reductions, so that it writes no [B, V] array.
     """
     usable = jnp.arange(logits.shape[-1]) < vocab
     shift = lambda x: x + knobs["bias"] - counts * knobs["frequency"][:, None] - (counts > 0) * knobs["presence"][:, None]
     shifted = jnp.any(knobs["biased"]) | jnp.any(knobs["presence"] != 0) | jnp.any(knobs["frequency"] != 0)
-    logits = jnp.where(usable, lax.cond(shifted, shift, lambda x: x, logits), -jnp.inf)
+    logits = lax.cond(shifted, lambda x: jnp.where(usable, shift(x), -jnp.inf), lambda x: jnp.where(usable, x, -jnp.inf),
+                      logits)
     greedy = argmax(logits)
     top = jnp.take_along_axis(logits, greedy[:, None], -1)  # the row's maximum, without another pass for it
     temperature, top_k, top_p = knobs["temperature"], knobs["top_k"], knobs["top_p"]
@@ -57,15 +62,15 @@ def sample_logits(logits, knobs, index, counts, vocab):
     def draw(logits):
         # Shifted by the maximum before the division, so that a tiny temperature gives -inf, not inf - inf; an
         # infinite one gives the uniform draw, and the re-mask keeps the padding at -inf. The maximum becomes 0
-        # and filtering keeps it, so exp needs no second shift; without filters, scaling and exp are one pass.
+        # and filtering keeps it, so the weights exp(scores) need no second shift.
         t = jnp.where(sampled, temperature, 1.0)[:, None]
         scale = lambda l: jnp.where(l > -jnp.inf, (l - top) / t, -jnp.inf)
-        weights = lax.cond(jnp.any(sampled & ((top_k > 0) | (top_p < 1))),
-                           lambda l: jnp.exp(filter_logits(scale(l), top_k, top_p)), lambda l: jnp.exp(scale(l)), logits)
         u = jax.vmap(lambda key, i: jax.random.uniform(row_key(key, i), (2,)))(knobs["key"], index)
-        return jnp.where(sampled, draw_index(weights, u), greedy).astype(jnp.int32)
+        pick = lax.cond(jnp.any(sampled & ((top_k > 0) | (top_p < 1))),
+                        lambda l: draw_index(filter_logits(scale(l), top_k, top_p), u), lambda l: draw_index(scale(l), u),
+                        logits)
+        return jnp.where(sampled, pick, greedy).astype(jnp.int32)
 
-    # Filtering and drawing cost as much as a small model's step: skip what no row needs.
     return lax.cond(jnp.any(sampled), draw, lambda logits: greedy, logits)
 
 
@@ -84,23 +89,25 @@ def argmax(x):
     return (i * c + jnp.take_along_axis(w, i[..., None, None], -2)[..., 0, :].argmax(-1)).astype(jnp.int32)
 
 
-def draw_index(weights, u, chunk=256):
-    """Per row, index i with probability weights[i] / sum(weights), by inverse transform: weights [B, V] >= 0,
-    each row with some weight; u [B, 2] uniform in [0, 1). In two levels, a chunk of `chunk` ids by the chunks'
-    total weights, then an id within it: a cumulative sum over the whole vocabulary is slow on CPUs, and a
-    Gumbel draw costs a random number and two logarithms per id (docs/performance.md).
-    A zero weight is never drawn, rounding at the top end included."""
-    B, V = weights.shape
+def draw_index(scores, u, chunk=256):
+    """Per row, index i with probability exp(scores[i]) / sum(exp(scores)), by inverse transform: scores [B, V]
+    (-inf: never; keep them at most 0, so that exp cannot overflow), each row with some weight; u [B, 2]
+    uniform in [0, 1). In two levels, a chunk of `chunk` ids by the chunks' total weights, then an id within it:
+    a cumulative sum over the whole vocabulary is slow on CPUs, and a Gumbel draw costs a random number and two
+    logarithms per id (docs/performance.md). The weights are summed by chunks as they are exponentiated and
+    exponentiated again for the one chunk chosen, so that no [B, V] array of them is written. A weight that
+    is 0 (exp underflowed) is never drawn, rounding at the top end included."""
+    B, V = scores.shape
     chunk = _chunk(V) if _chunk(V) >= 32 else chunk  # a chunk that divides V saves a padded copy
-    w = jnp.pad(weights, ((0, 0), (0, -V % chunk))).reshape(B, -1, chunk)
+    s = jnp.pad(scores, ((0, 0), (0, -V % chunk)), constant_values=-jnp.inf).reshape(B, -1, chunk)
 
     def pick(w, u):  # w [B, n]: the first index whose cumulative weight exceeds u * total, never one of weight 0
         cdf = jnp.cumsum(w, -1)
         i = (cdf <= (u * cdf[:, -1])[:, None]).sum(-1)
         return jnp.minimum(i, w.shape[-1] - 1 - jnp.argmax(w[:, ::-1] > 0, -1))
 
-    c = pick(w.sum(-1), u[:, 0])
-    within = jnp.take_along_axis(w, c[:, None, None], 1)[:, 0]
+    c = pick(jnp.exp(s).sum(-1), u[:, 0])
+    within = jnp.exp(jnp.take_along_axis(s, c[:, None, None], 1)[:, 0])
     return c * chunk + pick(within, u[:, 1])
 
 

@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+from functools import partial
 
 import jax
 import numpy as np
@@ -115,7 +116,7 @@ class Engine:
         out, fresh = decode.first_step(self.params, fresh, np.ones(size, bool), np.int32(1), self.cfg, self.mesh)
         free = [b for b, c in enumerate(self.rows) if c is None]
         for i, c in enumerate(new):
-            piece = decode.row_of(fresh, np.int32(i))
+            piece = decode.row_of(fresh, np.int32(i), mesh=self.mesh)
             self.batch = decode.insert(self.batch, piece, np.array([free[i]], np.int32), mesh=self.mesh)
             self.rows[free[i]] = c
         self.pending.append((out, list(enumerate(new)), None))
@@ -183,6 +184,7 @@ class Engine:
         owners = [(r, c) for r, c in owners if not c.done]
         scores = {name: np.asarray(out[name]) for name in ("logprob", "top_ids", "top_logprobs")} \
             if any(c.k is not None for _, c in owners) else {}
+        chunks = {}  # each streaming row's text and logprobs from this call: one event, however many tokens
         for i in range(tok.shape[1]):
             live = [(r, c) for r, c in owners if not c.done and made[r] > i]
             if not live:
@@ -195,9 +197,11 @@ class Engine:
                 entry = {name: x[r, i] for name, x in scores.items()} if c.k is not None else None
                 delta, entry = c.add(int(tok[r, i]), new[j], done[j], entry)
                 if c.job.stream and (delta or entry or c.done):
-                    rest = c.text.flush() if c.done else ""
-                    c.job.events.put(("chunk", {"index": c.index, "text": delta + rest, "logprobs": entry,
-                                                "finish_reason": c.reason}))
+                    text, lp = chunks.get(c, ("", None))
+                    lp = entry if lp is None else {name: lp[name] + entry[name] for name in lp}
+                    chunks[c] = (text + delta + (c.text.flush() if c.done else ""), lp)
+        for c, (text, lp) in chunks.items():
+            c.job.events.put(("chunk", {"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.reason}))
         for r, c in owners:
             if c.done:
                 self._leave(c)
@@ -268,9 +272,12 @@ class Engine:
         start, shapes = time.perf_counter(), self.shapes()
         jobs = []  # (name, a function that compiles it)
         lower = lambda fn, *a, **kw: lambda: fn.lower(*a, **kw).compile()
-        # Shapes with the arrays' shardings on a mesh; on one device none, as the arrays traffic passes have none.
-        abstract = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(
-            x.shape, x.dtype, sharding=None if self.mesh is None else x.sharding), tree)
+
+        def abstract(batch):  # a Batch's shapes, with the shardings of traffic's (decode.layout; none on one device)
+            if self.mesh is None:
+                return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+            return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), batch,
+                                decode.layout(batch, self.mesh))
         batches = {}
         for b, l in shapes["step"]:  # each made for real (its zeros compiled too), one at a time, then only its shape
             batches[b, l] = abstract(decode.empty(self.cfg, b, l, self.params, self.mesh))
@@ -278,11 +285,11 @@ class Engine:
                               self.mesh))
         for p, t in shapes["fill"]:
             jobs.append(lower(decode.fill, self.params, *self._fill_inputs(p, t), self.cfg, self._length(t), self.mesh))
-        fresh = {(p, l): jax.eval_shape(lambda p=p, l=l: decode.fill(
-            self.params, *self._fill_inputs(p, l), self.cfg, l, self.mesh)) for p, l in shapes["row_of"]}
+        fresh = {(p, l): abstract(jax.eval_shape(lambda p=p, l=l: decode.fill(
+            self.params, *self._fill_inputs(p, l), self.cfg, l, self.mesh))) for p, l in shapes["row_of"]}
         for p, l in shapes["row_of"]:
-            jobs.append(lower(decode.row_of, fresh[p, l], np.int32(0)))
-        one = {l: jax.eval_shape(decode.row_of, fresh[self._size(1), l], np.int32(0))
+            jobs.append(lower(decode.row_of, fresh[p, l], np.int32(0), mesh=self.mesh))
+        one = {l: abstract(jax.eval_shape(partial(decode.row_of, mesh=self.mesh), fresh[self._size(1), l], np.int32(0)))
                for l in {r for _, _, r in shapes["insert"]}}
         for b, l, r in shapes["insert"]:
             jobs.append(lower(decode.insert, batches[b, l], one[r], np.array([0], np.int32), mesh=self.mesh))
@@ -318,7 +325,7 @@ class Engine:
         for p, t in shapes["fill"]:
             fresh = decode.fill(self.params, *self._fill_inputs(p, t), self.cfg, self._length(t), self.mesh)
             _, fresh = decode.first_step(self.params, fresh, np.ones(p, bool), np.int32(1), self.cfg, self.mesh)
-            pieces[self._length(t)] = decode.row_of(fresh, np.int32(0))
+            pieces[self._length(t)] = decode.row_of(fresh, np.int32(0), mesh=self.mesh)
         for b, l in shapes["step"]:
             batch = decode.empty(self.cfg, b, l, self.params, self.mesh)
             for b_, l_, b2, l2 in shapes["regroup"]:

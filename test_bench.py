@@ -93,3 +93,19 @@ def test_load_probe_reports_the_server_under_load_against_a_request_alone():
                                 and got["throughput_vs_one_stream"] >= 2), got
     assert (got["cpu_stolen"] is None) == (not os.path.exists("/proc/stat")), got  # read from Linux's /proc/stat
     assert got["cpu_stolen"] is None or 0 <= got["cpu_stolen"] < 1
+
+
+def test_step_probe_reports_each_batch_size_against_the_first():
+    res = run([sys.executable, os.path.join(ROOT, "bench", "step.py"), "--preset", "tiny", "--rows", "1", "3",
+               "--slots", "64", "--k", "4", "--calls", "2"])
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.splitlines()[-1])
+    assert set(got["ms_per_step"]) == set(got["vs_first"]) == {"1", "3"} and got["vs_first"]["1"] == 1
+    for m in got["ms_per_step"].values():
+        assert 0 < m["best"] <= m["median"]
+    best = {b: m["best"] for b, m in got["ms_per_step"].items()}
+    low, high = quotient_bounds(best["3"], best["1"], 5e-4)  # times printed to 3 decimals, the ratio to 2
+    assert low - 0.005 <= got["vs_first"]["3"] <= high + 0.005, got
+    # Calls that would overrun the cache: a one-line error, before anything is compiled.
+    bad = run([sys.executable, os.path.join(ROOT, "bench", "step.py"), "--preset", "tiny", "--slots", "32"], timeout=60)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("error: ") and "--calls" in bad.stderr

@@ -263,7 +263,7 @@ def test_inverse_transform_draws_never_pick_a_zero_weight_and_follow_the_weights
     rng = np.random.default_rng(0)
     w = rng.random((4, 1000)).astype(np.float32) * (rng.random((4, 1000)) < 0.3)  # most weights 0
     w[:, -1] = 0  # the top end is 0: rounding must not land there
-    draw = jax.jit(sampling.draw_index, static_argnums=2)
+    draw = jax.jit(lambda w, u, chunk: sampling.draw_index(jnp.log(w), u, chunk), static_argnums=2)
     edges = np.array([[0, 0], [1 - 2**-24, 1 - 2**-24], [0.5, 1 - 2**-24], [1 - 2**-24, 0]], np.float32)
     for chunk in (256, 16):
         got = np.asarray(draw(jnp.asarray(w), jnp.asarray(edges), chunk))

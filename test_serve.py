@@ -395,12 +395,15 @@ jax.monitoring.register_event_duration_secs_listener(
     lambda name, secs, **kw: compiles.append(name) if compiles and name.endswith("backend_compile_duration") else None)
 
 
-def test_compiling_every_shape_before_serving(cfg, layered, post, get, patience):
+@pytest.mark.parametrize("on_mesh", [False, True], ids=["one device", "dp2 x mp2"])
+def test_compiling_every_shape_before_serving(cfg, layered, mesh_params, on_mesh, post, get, patience):
     """With compile_all, the model thread compiles every program of every shape the engine can meet before any
-    request, /health answering 503 meanwhile; then traffic of every shape compiles nothing."""
+    request, /health answering 503 meanwhile; then traffic of every shape compiles nothing, on a mesh too (where
+    each program's outputs must come out split as traffic's inputs are)."""
     small = dataclasses.replace(cfg, n_ctx=32)  # programs of its own: none was compiled by another test
+    params, mesh = mesh_params if on_mesh else (layered, None)
     log = io.StringIO()
-    server = serve.Server(("127.0.0.1", 0), layered, small, slots=4, compile_all=True, log=log)
+    server = serve.Server(("127.0.0.1", 0), params, small, slots=4, compile_all=True, log=log, mesh=mesh)
     server.loop.start()
     try:
         with pytest.raises(urllib.error.HTTPError, match="503"):
@@ -412,14 +415,15 @@ def test_compiling_every_shape_before_serving(cfg, layered, post, get, patience)
         del compiles[1:]
         bodies = [{"prompt": [list(range(1, 1 + n))] * r, "max_tokens": m, "temperature": 0.5, "logprobs": k}
                   for n, r, m, k in [(1, 1, 1, None), (20, 1, 12, 3), (3, 3, 20, 1), (30, 4, 2, 0), (9, 2, 23, None)]]
-        threads = [threading.Thread(target=post, args=(server, b)) for b in bodies]
+        assert post(server, bodies[0])[0] == 200  # alone: the smallest batch; then together, batches that grow
+        threads = [threading.Thread(target=post, args=(server, b)) for b in bodies[1:]]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         assert post(server, {"prompt": [list(range(1, 25))], "echo": True, "logprobs": 1, "max_tokens": 1})[0] == 200
         assert compiles == ["listening"], compiles[1:]
-        assert {rows for rows, _ in server.engine.layouts} == {1, 4}
+        assert {rows for rows, _ in server.engine.layouts} == {2 if on_mesh else 1, 4}  # rows: a multiple of dp
     finally:
         compiles.clear()
         server.close()
