@@ -260,7 +260,7 @@ def cached_attention(q, k, v, slots, chunk=KV_CHUNK):
     state = (zeros[..., :1] - jnp.inf, zeros[..., :1], zeros)
     chunks = jnp.minimum(slots.max() // chunk + 1, n // chunk)
     _, total, acc = lax.fori_loop(0, chunks, body, state)
-    return (acc / total).astype(v.dtype).transpose(0, 2, 1, 3)
+    return (acc / total).astype(q.dtype).transpose(0, 2, 1, 3)
 
 
 def dense(x, p):
