@@ -258,8 +258,10 @@ def cached_attention(q, k, v, slots, chunk=KV_CHUNK):
 
     zeros = jnp.zeros_like(q, jnp.float32)  # like q, so that under shard_map the loop's state varies as it does
     state = (zeros[..., :1] - jnp.inf, zeros[..., :1], zeros)
-    chunks = jnp.minimum(slots.max() // chunk + 1, n // chunk)
-    _, total, acc = lax.fori_loop(0, chunks, body, state)
+    if n == chunk:  # one chunk: the same arithmetic without a loop, which costs compile time in every program
+        _, total, acc = body(0, state)
+    else:
+        _, total, acc = lax.fori_loop(0, jnp.minimum(slots.max() // chunk + 1, n // chunk), body, state)
     return (acc / total).astype(q.dtype).transpose(0, 2, 1, 3)
 
 

@@ -97,15 +97,19 @@ def test_load_probe_reports_the_server_under_load_against_a_request_alone():
 
 def test_step_probe_reports_each_batch_size_against_the_first():
     res = run([sys.executable, os.path.join(ROOT, "bench", "step.py"), "--preset", "tiny", "--rows", "1", "3",
-               "--slots", "64", "--k", "4", "--calls", "2"])
+               "--slots", "64", "--k", "4", "--calls", "2", "--dtype", "bfloat16"])
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.splitlines()[-1])
+    assert got["dtype"] == "bfloat16"
     assert set(got["ms_per_step"]) == set(got["vs_first"]) == {"1", "3"} and got["vs_first"]["1"] == 1
     for m in got["ms_per_step"].values():
         assert 0 < m["best"] <= m["median"]
     best = {b: m["best"] for b, m in got["ms_per_step"].items()}
     low, high = quotient_bounds(best["3"], best["1"], 5e-4)  # times printed to 3 decimals, the ratio to 2
     assert low - 0.005 <= got["vs_first"]["3"] <= high + 0.005, got
+    # The output projection alone at each size, and the machine's matmul rate: the ratio's floor.
+    assert set(got["head_ms"]) == {"1", "3"} and all(t > 0 for t in got["head_ms"].values())
+    assert got["matmul_gflops"] > 0
     # Calls that would overrun the cache: a one-line error, before anything is compiled.
     bad = run([sys.executable, os.path.join(ROOT, "bench", "step.py"), "--preset", "tiny", "--slots", "32"], timeout=60)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("error: ") and "--calls" in bad.stderr
