@@ -47,6 +47,19 @@ DOCUMENTED_SKIPS = (
 )
 
 
+# The test files go to the workers one at a time (--dist loadfile), and the run ends when its last file does: the
+# longest files go first, so that the short ones fill in at the end. (xdist's own order, by the number of tests in a
+# file, sent the multi-process tests last: pytest.ini turns it off.) Longest first in a clean .ci/run, 2026-12-08;
+# test_plan only where libtpu is installed.
+LONGEST_FIRST = ("test_plan.py", "test_multihost.py", "test_gptj.py", "test_train.py", "test_fsdp.py", "test_serve.py",
+                 "test_decode.py", "test_lora.py", "test_bench.py", "test_sample.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file's tests in their order
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     outcome = yield
